@@ -17,7 +17,7 @@ _PUBLIC = {
     "interpolated": "wise_callback.weights",
     "WiSEFTCallback": "wise_callback.callback",
 }
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = ["Snapshot", "WiSEFTCallback", "__version__", "interpolate_", "interpolated"]
 
 if TYPE_CHECKING:
     from wise_callback.callback import WiSEFTCallback
