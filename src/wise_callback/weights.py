@@ -1,0 +1,333 @@
+"""The weight engine: snapshot an early checkpoint and build theta(alpha) in place.
+
+    theta(alpha) = (1 - alpha) * theta_early + alpha * theta_latest      # alpha = weight on latest
+
+Tensors are paired by *name* (never by position): every floating-point parameter and buffer of the
+module, frozen ones included, tied weights once. Under FSDP2 (DTensor parameters) only the local
+shards are touched: interpolation is elementwise, so no rank needs another rank's data.
+
+This module imports nothing else of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+STAGING_BYTES = 64 * 2**20
+"""Upper bound on the snapshot bytes converted (device or dtype) at once while interpolating."""
+
+_FORMAT_KEY = "wise_callback.snapshot"
+_FORMAT_VERSION = "1"
+_LIST_LIMIT = 10
+
+
+def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's floating-point parameters and buffers by name, as plain (local) tensors.
+
+    Tied weights appear once, under their first name. DTensors (FSDP2) give their local shard.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    named = [*module.named_parameters(remove_duplicate=True), *module.named_buffers()]
+    for name, tensor in named:
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        if DTensor is not None and isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        tensors[name] = tensor.detach()
+    return tensors
+
+
+@dataclass
+class Snapshot:
+    """A copy of a module's floating-point parameters and buffers, keyed by name.
+
+    Under FSDP2 `tensors` holds this rank's local shards. `step` is the training step it was
+    taken at, if known.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    step: int | None = None
+    _finite_versions: dict[str, tuple[int, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @classmethod
+    def capture(
+        cls,
+        module: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        step: int | None = None,
+    ) -> Snapshot:
+        """Copy the module's weights to `device` (CPU by default, pinned when an accelerator is
+        in use so that interpolation can stream it back fast), optionally cast to `dtype`."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"Snapshot dtype must be a floating-point dtype, got {dtype}")
+        device = torch.device(device)
+        copies: dict[str, torch.Tensor] = {}
+        asynchronous = False
+        with torch.no_grad():
+            for name, tensor in named_float_tensors(module).items():
+                pin = device.type == "cpu" and tensor.device.type != "cpu"
+                copy = torch.empty(
+                    tensor.shape, dtype=dtype or tensor.dtype, device=device, pin_memory=pin
+                )
+                copy.copy_(tensor, non_blocking=pin)
+                asynchronous |= pin
+                copies[name] = copy
+        if asynchronous:
+            torch.accelerator.synchronize()
+        return cls(copies, step=step)
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the stored tensors in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the tensors that hold NaN or infinity.
+
+        A tensor is re-checked only when it changed since its last check (identity and version
+        counter), so repeated interpolations do not pay for a full pass over the snapshot.
+        """
+        bad = []
+        for name, tensor in self.tensors.items():
+            key = (id(tensor), tensor._version)
+            if self._finite_versions.get(name) == key:
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+            else:
+                self._finite_versions[name] = key
+        if bad:
+            raise ValueError(f"snapshot has non-finite values (NaN or inf) in: {_listing(bad)}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (no pickle) with names, shapes, dtypes and step; atomically,
+        so an interrupted save never leaves a partial file at `path`."""
+        path = Path(path)
+        manifest = {n: [str(t.dtype), list(t.shape)] for n, t in self.tensors.items()}
+        metadata = {
+            _FORMAT_KEY: _FORMAT_VERSION,
+            "step": "" if self.step is None else str(self.step),
+            "tensors": json.dumps(manifest),
+        }
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors.items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Snapshot:
+        """Read a file written by `save`; clear errors for a missing, truncated or foreign file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"snapshot file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                if metadata.get(_FORMAT_KEY) != _FORMAT_VERSION:
+                    raise ValueError(
+                        f"{path} is a safetensors file but not a wise-callback snapshot"
+                    )
+                manifest = json.loads(metadata["tensors"])
+                if set(manifest) != set(f.keys()):
+                    raise ValueError(f"{path}: tensors do not match the snapshot's own manifest")
+                tensors = {name: f.get_tensor(name) for name in manifest}  # the capture's order
+        except SafetensorError as err:
+            raise ValueError(
+                f"{path} is not a complete safetensors file (truncated?): {err}"
+            ) from err
+        found = {n: [str(t.dtype), list(t.shape)] for n, t in tensors.items()}
+        if found != manifest:
+            raise ValueError(f"{path}: tensors do not match the snapshot's own manifest")
+        step = int(metadata["step"]) if metadata["step"] else None
+        return cls(tensors, step=step)
+
+
+def interpolate_(
+    module: torch.nn.Module,
+    snapshot: Snapshot,
+    alpha: float,
+    *,
+    allow_extrapolation: bool = False,
+) -> None:
+    """In place: theta <- (1 - alpha) * theta_early + alpha * theta, theta_early from `snapshot`.
+
+    One fused `torch._foreach_lerp_` per (device, dtype) group, computed in the module's dtype.
+    A snapshot on another device or in another dtype is converted in chunks of at most
+    `STAGING_BYTES`, never copied over whole. All inputs are checked before any weight changes.
+    """
+    alpha = check_alpha(alpha, allow_extrapolation)
+    pairs = _pair(module, snapshot)
+    with torch.no_grad():
+        for targets, earlies in _staged_groups(pairs):
+            torch._foreach_lerp_(targets, earlies, 1.0 - alpha)
+
+
+@contextmanager
+def alpha_sweep(
+    module: torch.nn.Module, snapshot: Snapshot, *, allow_extrapolation: bool = False
+) -> Iterator[Callable[[float], None]]:
+    """Evaluate several alphas with one backup and one restore.
+
+    Yields `set_alpha(alpha)`, which puts theta(alpha) into the module (any alphas, any order, one
+    pass over the weights each). On exit, also when the body raises, the weights the module held
+    on entry are back bit for bit.
+    """
+    pairs = _pair(module, snapshot)
+    with torch.no_grad():
+        backups = [target.clone() for target, _ in pairs]
+    latest = {id(target): backup for (target, _), backup in zip(pairs, backups, strict=True)}
+
+    def set_alpha(alpha: float) -> None:
+        alpha = check_alpha(alpha, allow_extrapolation)
+        with torch.no_grad():
+            for targets, earlies in _staged_groups(pairs):
+                for target, early in zip(targets, earlies, strict=True):
+                    torch.lerp(early, latest[id(target)], alpha, out=target)
+
+    try:
+        yield set_alpha
+    finally:
+        with torch.no_grad():
+            for targets, _ in _groups(pairs):
+                torch._foreach_copy_(targets, [latest[id(t)] for t in targets])
+
+
+@contextmanager
+def interpolated(
+    module: ModuleT, snapshot: Snapshot, alpha: float, *, allow_extrapolation: bool = False
+) -> Iterator[ModuleT]:
+    """Inside the block the module holds theta(alpha); on exit (also on an exception) the
+    original weights are restored bit for bit."""
+    alpha = check_alpha(alpha, allow_extrapolation)
+    with alpha_sweep(module, snapshot, allow_extrapolation=allow_extrapolation) as set_alpha:
+        set_alpha(alpha)
+        yield module
+
+
+def check_alpha(alpha: float, allow_extrapolation: bool = False) -> float:
+    """`alpha` as a float, or ValueError unless it is a finite number in [0, 1] (any finite
+    number with `allow_extrapolation`)."""
+    if isinstance(alpha, (bool, str, bytes)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}: {alpha!r}")
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}: {alpha!r}") from err
+    if not math.isfinite(value):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if not allow_extrapolation and not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"alpha={value} is outside [0, 1] (alpha is the weight on the latest weights); "
+            "pass allow_extrapolation=True to extrapolate on purpose"
+        )
+    return value
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_LIST_LIMIT])
+    more = len(names) - _LIST_LIMIT
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _pair(module: torch.nn.Module, snapshot: Snapshot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(module tensor, snapshot tensor) by name, after checking names, shapes and finiteness."""
+    current = named_float_tensors(module)
+    missing = [n for n in current if n not in snapshot.tensors]
+    unexpected = [n for n in snapshot.tensors if n not in current]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the snapshot: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"not in the module: {_listing(unexpected)}")
+        raise ValueError("snapshot does not match the module; " + "; ".join(parts))
+    for name, tensor in current.items():
+        early = snapshot.tensors[name]
+        if early.shape != tensor.shape:
+            raise ValueError(
+                f"shape mismatch for {name}: module has {tuple(tensor.shape)}, "
+                f"snapshot has {tuple(early.shape)}"
+            )
+        if not early.is_floating_point():
+            raise ValueError(f"snapshot tensor {name} has non-floating dtype {early.dtype}")
+    snapshot.check_finite()
+    return [(tensor, snapshot.tensors[name]) for name, tensor in current.items()]
+
+
+def _groups(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Pairs grouped by the module tensor's (device, dtype), the unit of one fused call."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for target, early in pairs:
+        groups.setdefault((target.device, target.dtype), []).append((target, early))
+    for members in groups.values():
+        yield [t for t, _ in members], [e for _, e in members]
+
+
+def _staged_groups(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Like `_groups`, with the snapshot side on the module tensor's device and dtype.
+
+    Tensors that already match are used as they are; the others are converted in chunks of at most
+    `STAGING_BYTES` (a single larger tensor goes alone), copied without blocking when pinned.
+    """
+    for targets, earlies in _groups(pairs):
+        ready = [(t, e) for t, e in zip(targets, earlies, strict=True) if _matches(t, e)]
+        if ready:
+            yield [t for t, _ in ready], [e for _, e in ready]
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        chunk_bytes = 0
+        for target, early in zip(targets, earlies, strict=True):
+            if _matches(target, early):
+                continue
+            size = target.numel() * target.element_size()
+            if chunk and chunk_bytes + size > STAGING_BYTES:
+                yield _convert(chunk)
+                chunk, chunk_bytes = [], 0
+            chunk.append((target, early))
+            chunk_bytes += size
+        if chunk:
+            yield _convert(chunk)
+
+
+def _matches(target: torch.Tensor, early: torch.Tensor) -> bool:
+    return target.device == early.device and target.dtype == early.dtype
+
+
+def _convert(
+    chunk: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    targets = [t for t, _ in chunk]
+    earlies = [e.to(device=t.device, dtype=t.dtype, non_blocking=e.is_pinned()) for t, e in chunk]
+    return targets, earlies
