@@ -1,0 +1,7 @@
+"""Samplers: n completions per prompt, with the training model (`HFSampler`) or an in-process
+vLLM engine fed the live weights (`VLLMSampler`). Both follow the `Sampler` protocol."""
+
+from wise_callback.sampling.base import Completion, Sampler, SamplingConfig
+from wise_callback.sampling.hf import HFSampler
+
+__all__ = ["Completion", "HFSampler", "Sampler", "SamplingConfig"]
