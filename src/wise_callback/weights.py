@@ -119,7 +119,7 @@ class Snapshot:
             else:
                 self._finite_versions[name] = key
         if bad:
-            raise ValueError(f"snapshot has non-finite values (NaN or inf) in: {_listing(bad)}")
+            raise ValueError(f"snapshot has non-finite values (NaN or inf) in: {name_listing(bad)}")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (no pickle) with names, shapes, dtypes and step; atomically,
@@ -252,7 +252,8 @@ def check_alpha(alpha: float, allow_extrapolation: bool = False) -> float:
     return value
 
 
-def _listing(names: list[str]) -> str:
+def name_listing(names: list[str]) -> str:
+    """The first few names, comma-separated, and how many more there are (for error messages)."""
     shown = ", ".join(names[:_LIST_LIMIT])
     more = len(names) - _LIST_LIMIT
     return f"{shown} (and {more} more)" if more > 0 else shown
@@ -266,9 +267,9 @@ def _pair(module: torch.nn.Module, snapshot: Snapshot) -> list[tuple[torch.Tenso
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing from the snapshot: {_listing(missing)}")
+            parts.append(f"missing from the snapshot: {name_listing(missing)}")
         if unexpected:
-            parts.append(f"not in the module: {_listing(unexpected)}")
+            parts.append(f"not in the module: {name_listing(unexpected)}")
         raise ValueError("snapshot does not match the module; " + "; ".join(parts))
     for name, tensor in current.items():
         early = snapshot.tensors[name]

@@ -1,0 +1,359 @@
+"""Offline WiSE-FT merge of two Hugging Face checkpoint folders, streamed tensor by tensor.
+
+    theta = (1 - alpha) * theta_early + alpha * theta_latest      # alpha = weight on latest
+
+Each tensor is read with a plain positioned read (no memory map, so the inputs never pile up in
+RSS), interpolated in LATEST's dtype and written straight into its place in the output shard, whose
+header is known in advance. Peak memory is therefore about two tensors, not a shard or a model.
+The output is sharded like LATEST, keeps LATEST's config, tokenizer and other files, and is built
+in a temporary folder beside OUT_DIR that is renamed into place only once complete. Every check
+(alpha, folders, names, shapes, truncated files) runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from wise_callback.weights import check_alpha, name_listing
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+OTHER_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", *PICKLE_SUFFIXES)
+"""Never copied into the output: other weights (adapters, stale files) and pickles (training
+state such as optimizer.pt). Skipped files are logged."""
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and (safetensors) absolute byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class Checkpoint:
+    """The weights of one checkpoint folder: which file holds each tensor, with dtype and shape.
+
+    Reads headers only when constructed; `read(name)` then loads one tensor at a time.
+    """
+
+    def __init__(self, folder: str | os.PathLike, allow_pickle: bool = False) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {self.folder}")
+        self.pickled = False
+        self.index_metadata: dict[str, Any] | None = None  # None: a single unsharded file
+        self._pickled_state: dict[Path, dict[str, torch.Tensor]] = {}
+        weight_map = self._weight_map(allow_pickle)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file_name in sorted(set(weight_map.values())):
+            path = self.folder / file_name
+            infos = _pickle_infos(path, self._pickled_state) if self.pickled else _header(path)
+            listed = {n for n, f in weight_map.items() if f == file_name}
+            if self.index_metadata is not None and set(infos) != listed:
+                raise ValueError(
+                    f"{path}: the index lists {name_listing(sorted(listed - set(infos)))} there "
+                    f"but the file holds {name_listing(sorted(set(infos) - listed))} instead"
+                )
+            self.tensors.update(infos)
+        self.weight_files = {*weight_map.values()}
+        if self.index_metadata is not None:
+            self.weight_files.add(PICKLE_INDEX if self.pickled else SAFETENSORS_INDEX)
+
+    def _weight_map(self, allow_pickle: bool) -> dict[str, str]:
+        """Tensor name -> file name, from the index or from the single weights file."""
+        folder = self.folder
+        if (folder / SAFETENSORS_INDEX).is_file():
+            return self._read_index(folder / SAFETENSORS_INDEX)
+        if (folder / SAFETENSORS_SINGLE).is_file():
+            return dict.fromkeys(_header(folder / SAFETENSORS_SINGLE), SAFETENSORS_SINGLE)
+        pickled = [n for n in (PICKLE_INDEX, PICKLE_SINGLE) if (folder / n).is_file()]
+        if not pickled:
+            raise FileNotFoundError(
+                f"no model weights in {folder}: expected {SAFETENSORS_SINGLE} or "
+                f"{SAFETENSORS_INDEX} (or pickled {PICKLE_SINGLE} with --allow-pickle)"
+            )
+        if not allow_pickle:
+            raise ValueError(
+                f"{folder} holds pickled weights ({pickled[0]}); loading a pickle can run "
+                "arbitrary code. Convert them to safetensors, or pass --allow-pickle "
+                "(allow_pickle=True) to load them with torch.load(weights_only=True)."
+            )
+        self.pickled = True
+        if pickled[0] == PICKLE_INDEX:
+            return self._read_index(folder / PICKLE_INDEX)
+        return dict.fromkeys(
+            _pickle_infos(folder / PICKLE_SINGLE, self._pickled_state), PICKLE_SINGLE
+        )
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            index = json.loads(path.read_text())
+            weight_map = dict(index["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a valid checkpoint index: {err}") from err
+        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{path} names shard files that are missing: {missing}")
+        self.index_metadata = dict(index.get("metadata") or {})
+        return weight_map
+
+    def shards(self) -> dict[str, list[str]]:
+        """File name -> its tensor names in storage order (so reads go front to back)."""
+        layout: dict[str, list[str]] = {}
+        for name, info in sorted(self.tensors.items(), key=lambda kv: (kv[1].file, kv[1].start)):
+            layout.setdefault(info.file.name, []).append(name)
+        return layout
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh tensor (owned by the caller) holding tensor `name`."""
+        info = self.tensors[name]
+        if self.pickled:
+            return self._pickled_state[info.file][name].clone()
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buffer.numpy()) != info.nbytes:
+                raise ValueError(f"{info.file} ended early while reading {name}; truncated?")
+        return buffer.view(info.dtype).reshape(info.shape)
+
+
+def merge_checkpoints(
+    early_dir: str | os.PathLike,
+    latest_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    alpha: float,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    allow_extrapolation: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write theta(alpha) = lerp(EARLY, LATEST, alpha) as a checkpoint folder at `out_dir`.
+
+    Floating-point tensors are interpolated in LATEST's dtype; other tensors are LATEST's. The
+    output is always safetensors, sharded like LATEST. Returns the output folder.
+    """
+    alpha = check_alpha(alpha, allow_extrapolation)
+    early = Checkpoint(early_dir, allow_pickle)
+    latest = Checkpoint(latest_dir, allow_pickle)
+    out = Path(out_dir)
+    _check_output(out, [early.folder, latest.folder], force)
+    _check_compatible(early, latest)
+
+    layout = {_safetensors_name(f): names for f, names in latest.shards().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        total = sum(latest.tensors[n].nbytes for names in layout.values() for n in names)
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc="wise-ft merge", disable=not progress
+        ) as bar:
+            for file_name, names in layout.items():
+                _write_shard(tmp / file_name, names, early, latest, alpha, bar)
+        if latest.index_metadata is not None:
+            weight_map = {n: f for f, names in layout.items() for n in names}
+            index = {"metadata": {**latest.index_metadata, "total_size": total}}
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            _write_text(tmp / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+        _copy_other_files(latest, tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    resolved = out.resolve()
+    for folder in inputs:
+        if folder.resolve() == resolved or folder.resolve().is_relative_to(resolved):
+            raise ValueError(f"output folder {out} would overwrite the input {folder}")
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"output path {out} exists and is not a folder")
+        if not force:
+            raise FileExistsError(f"output folder {out} already exists; pass --force to replace it")
+
+
+def _check_compatible(early: Checkpoint, latest: Checkpoint) -> None:
+    """Same tensor names, same shapes, floating where the other is floating."""
+    missing = sorted(set(latest.tensors) - set(early.tensors))
+    unexpected = sorted(set(early.tensors) - set(latest.tensors))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"only in LATEST ({latest.folder}): {name_listing(missing)}")
+        if unexpected:
+            parts.append(f"only in EARLY ({early.folder}): {name_listing(unexpected)}")
+        raise ValueError("the checkpoints hold different tensors; " + "; ".join(parts))
+    for name, info in latest.tensors.items():
+        other = early.tensors[name]
+        if other.shape != info.shape:
+            raise ValueError(
+                f"shape mismatch for {name}: EARLY has {other.shape}, LATEST has {info.shape}"
+            )
+        if other.dtype.is_floating_point != info.dtype.is_floating_point:
+            raise ValueError(
+                f"dtype mismatch for {name}: EARLY has {other.dtype}, LATEST has {info.dtype}"
+            )
+
+
+def _write_shard(
+    path: Path,
+    names: list[str],
+    early: Checkpoint,
+    latest: Checkpoint,
+    alpha: float,
+    bar: tqdm,
+) -> None:
+    """Stream one safetensors shard: header first (its offsets are known), then each tensor."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        info = latest.tensors[name]
+        entry = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape)}
+        header[name] = {**entry, "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name in names:
+            tensor = latest.read(name)
+            if tensor.is_floating_point():
+                other = early.read(name).to(tensor.dtype)
+                torch.lerp(other, tensor, alpha, out=tensor)
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy())
+            bar.update(tensor.numel() * tensor.element_size())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:
+    """LATEST's config, tokenizer and other top-level files; not its weights, not pickles."""
+    skipped = []
+    for path in sorted(latest.folder.iterdir()):
+        if path.name in latest.weight_files:
+            continue
+        if not path.is_file() or path.name.endswith(OTHER_WEIGHT_SUFFIXES):
+            skipped.append(path.name)
+            continue
+        shutil.copy2(path, tmp / path.name)
+    if skipped:
+        log.info("not copied from %s: %s", latest.folder, ", ".join(skipped))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old OUT_DIR (--force) is removed only after."""
+    if not out.exists():
+        os.rename(tmp, out)
+    else:
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old / out.name, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header, checking that every tensor lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 0 or 8 + length > size:
+            raise ValueError(f"{path} is truncated or not a safetensors file (bad header size)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from err
+    header.pop("__metadata__", None)
+    infos = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        start, end = (8 + length + offset for offset in entry["data_offsets"])
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - start != numel * dtype.itemsize or end > size:
+            raise ValueError(f"{path} is truncated or corrupt: tensor {name} lies outside it")
+        infos[name] = TensorInfo(path, dtype, shape, start, end)
+    return infos
+
+
+def _pickle_infos(path: Path, cache: dict[Path, dict[str, torch.Tensor]]) -> dict[str, TensorInfo]:
+    """Open a pickled state dict safely (weights_only, memory-mapped) and describe its tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(f"{path} could not be loaded with weights_only=True: {err}") from err
+    unsupported = [n for n, t in state.items() if t.dtype not in DTYPE_NAMES]
+    if unsupported:
+        raise ValueError(f"{path}: unsupported dtypes for {name_listing(unsupported)}")
+    cache[path] = state
+    return {
+        name: TensorInfo(path, t.dtype, tuple(t.shape), end=t.numel() * t.element_size())
+        for name, t in state.items()
+    }
+
+
+def _safetensors_name(file_name: str) -> str:
+    """pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors; others unchanged."""
+    return re.sub(r"^pytorch_model(.*)\.bin$", r"model\1.safetensors", file_name)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
