@@ -42,7 +42,10 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_sharded_merge_equals_in_memory_interpolation(folders):
+@pytest.mark.parametrize("chunk_bytes", [None, 1002], ids=["whole", "tensors-split-in-chunks"])
+def test_sharded_merge_equals_in_memory_interpolation(folders, monkeypatch, chunk_bytes):
+    if chunk_bytes:
+        monkeypatch.setattr("wise_callback.merge.CHUNK_BYTES", chunk_bytes)
     early, latest, tmp = folders
     merge(tmp / "early", tmp / "latest", "--alpha", 0.3, "--out", tmp / "out")
     out = tmp / "out"
@@ -73,7 +76,8 @@ def test_sharded_merge_equals_in_memory_interpolation(folders):
     assert on_disk.keys() == latest.state_dict().keys()
 
 
-def test_single_file_and_low_precision_early(tmp_path, tokenizer):
+def test_single_file_and_low_precision_early(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr("wise_callback.merge.CHUNK_BYTES", 1002)  # chunks across dtypes
     early = tiny_llama(len(tokenizer), seed=0).to(torch.bfloat16)
     latest = tiny_llama(len(tokenizer), seed=1)
     early.save_pretrained(tmp_path / "early", max_shard_size=SHARD)
@@ -103,7 +107,8 @@ def test_existing_output_needs_force(folders):
     assert leftovers(tmp) == []
 
 
-def test_pickled_weights_only_on_request(tmp_path, tokenizer, capsys):
+def test_pickled_weights_only_on_request(tmp_path, tokenizer, capsys, monkeypatch):
+    monkeypatch.setattr("wise_callback.merge.CHUNK_BYTES", 1002)
     for seed, name in ((0, "early"), (1, "latest")):
         model = tiny_llama(len(tokenizer), seed=seed)
         model.config.save_pretrained(tmp_path / name)

@@ -2,9 +2,10 @@
 
     theta = (1 - alpha) * theta_early + alpha * theta_latest      # alpha = weight on latest
 
-Each tensor is read with a plain positioned read (no memory map, so the inputs never pile up in
-RSS), interpolated in LATEST's dtype and written straight into its place in the output shard, whose
-header is known in advance. Peak memory is therefore about two tensors, not a shard or a model.
+Tensors are read in chunks of at most CHUNK_BYTES with plain positioned reads (no memory map, so
+the inputs never pile up in RSS), interpolated in LATEST's dtype and written straight into their
+place in the output shard, whose header is known in advance. Peak memory is therefore two chunks
+on top of the interpreter, whatever the size of the model, its shards or its largest tensor.
 The output is sharded like LATEST, keeps LATEST's config, tokenizer and other files, and is built
 in a temporary folder beside OUT_DIR that is renamed into place only once complete. Every check
 (alpha, folders, names, shapes, truncated files) runs before anything is written.
@@ -37,6 +38,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 OTHER_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", *PICKLE_SUFFIXES)
 """Never copied into the output: other weights (adapters, stale files) and pickles (training
 state such as optimizer.pt). Skipped files are logged."""
+
+CHUNK_BYTES = 16 * 2**20
+"""Tensors are streamed in pieces of at most this many bytes: elementwise, so any split works."""
 
 DTYPES = {
     "F64": torch.float64,
@@ -71,7 +75,8 @@ class TensorInfo:
 class Checkpoint:
     """The weights of one checkpoint folder: which file holds each tensor, with dtype and shape.
 
-    Reads headers only when constructed; `read(name)` then loads one tensor at a time.
+    Reads headers only when constructed; `read(name)` then loads one tensor at a time with a
+    positioned read (no memory map, so pages of the inputs never pile up in RSS).
     """
 
     def __init__(self, folder: str | os.PathLike, allow_pickle: bool = False) -> None:
@@ -81,6 +86,7 @@ class Checkpoint:
         self.pickled = False
         self.index_metadata: dict[str, Any] | None = None  # None: a single unsharded file
         self._pickled_state: dict[Path, dict[str, torch.Tensor]] = {}
+        self._buffer = torch.empty(0, dtype=torch.uint8)
         weight_map = self._weight_map(allow_pickle)
         self.tensors: dict[str, TensorInfo] = {}
         for file_name in sorted(set(weight_map.values())):
@@ -142,17 +148,24 @@ class Checkpoint:
             layout.setdefault(info.file.name, []).append(name)
         return layout
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor (owned by the caller) holding tensor `name`."""
+    def read(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of tensor `name`, flat, in a buffer this checkpoint
+        reuses: valid until its next `read`. Memory stays flat and no page faults recur."""
         info = self.tensors[name]
+        nbytes = count * info.dtype.itemsize
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._buffer[:nbytes]
+        chunk = raw.view(info.dtype)
         if self.pickled:
-            return self._pickled_state[info.file][name].clone()
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+            return chunk.copy_(
+                self._pickled_state[info.file][name].reshape(-1)[start : start + count]
+            )
         with open(info.file, "rb") as f:
-            f.seek(info.start)
-            if f.readinto(buffer.numpy()) != info.nbytes:
+            f.seek(info.start + start * info.dtype.itemsize)
+            if f.readinto(raw.numpy()) != nbytes:
                 raise ValueError(f"{info.file} ended early while reading {name}; truncated?")
-        return buffer.view(info.dtype).reshape(info.shape)
+        return chunk
 
 
 def merge_checkpoints(
@@ -244,7 +257,8 @@ def _write_shard(
     alpha: float,
     bar: tqdm,
 ) -> None:
-    """Stream one safetensors shard: header first (its offsets are known), then each tensor."""
+    """Stream one safetensors shard: header first (its offsets are known), then each tensor,
+    chunk by chunk."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
@@ -258,12 +272,16 @@ def _write_shard(
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for name in names:
-            tensor = latest.read(name)
-            if tensor.is_floating_point():
-                other = early.read(name).to(tensor.dtype)
-                torch.lerp(other, tensor, alpha, out=tensor)
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy())
-            bar.update(tensor.numel() * tensor.element_size())
+            info = latest.tensors[name]
+            step = max(1, CHUNK_BYTES // info.dtype.itemsize)
+            for start in range(0, info.nbytes // info.dtype.itemsize, step):
+                count = min(step, info.nbytes // info.dtype.itemsize - start)
+                chunk = latest.read(name, start, count)
+                if chunk.is_floating_point():
+                    other = early.read(name, start, count).to(chunk.dtype)
+                    torch.lerp(other, chunk, alpha, out=chunk)
+                f.write(chunk.view(torch.uint8).numpy())
+                bar.update(count * info.dtype.itemsize)
         f.flush()
         os.fsync(f.fileno())
 

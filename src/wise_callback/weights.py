@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,11 +25,6 @@ from typing import TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -45,12 +41,15 @@ def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     Tied weights appear once, under their first name. DTensors (FSDP2) give their local shard.
     """
+    # No tensor can be a DTensor before its module was imported, so never import it ourselves:
+    # that would add about a second to every `wise-ft merge`.
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     tensors: dict[str, torch.Tensor] = {}
     named = [*module.named_parameters(remove_duplicate=True), *module.named_buffers()]
     for name, tensor in named:
         if tensor is None or not tensor.is_floating_point():
             continue
-        if DTensor is not None and isinstance(tensor, DTensor):
+        if dtensor is not None and isinstance(tensor, dtensor):
             tensor = tensor.to_local()
         tensors[name] = tensor.detach()
     return tensors

@@ -1,0 +1,169 @@
+"""Benchmark: offline `wise-ft merge` of two ~1 GB, 4-shard float32 Llama checkpoints.
+
+The bench writes both checkpoints itself (random weights, real Llama names and shapes, a real
+config and index) into a temporary folder and deletes them at the end. Side by side:
+  * merge        `python -m wise_callback.cli merge` in a child process: the merge's own time,
+                 the whole process's wall time, and its peak RSS (VmHWM)
+  * interpreter  the same child importing the merge code and doing nothing: its peak RSS
+  * I/O floor    reading both inputs and writing (and fsyncing) one output of the same size
+Goals (issue 2): merge within 2x of the I/O floor; peak RSS under 2x the largest shard plus the
+interpreter. Reference from the issue (same pair, mergekit 0.1.5 linear merge, not run here):
+13.5-15.7 s and 1.3 GB. Prints one JSON object last.
+
+    .venv/bin/python bench/merge.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+CHUNK = 64 * 2**20
+CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from wise_callback.merge import merge_checkpoints
+imported = time.perf_counter()
+if sys.argv[1:]:
+    early, latest, out = sys.argv[1:]
+    merge_checkpoints(early, latest, out, 0.5, progress=False)
+done = time.perf_counter()
+# VmHWM is this process's own peak RSS; ru_maxrss would include the forking parent's pages.
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+print(json.dumps({"import_s": imported - start, "merge_s": done - imported, "maxrss": peak}))
+"""
+
+
+def write_checkpoint(folder: Path, config: LlamaConfig, shards: int, seed: int) -> list[int]:
+    """A sharded HF folder with random float32 weights; returns the shard sizes in bytes."""
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in LlamaForCausalLM(config).state_dict().items()}
+    names = list(shapes)
+    total = sum(s.numel() * 4 for s in shapes.values())
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for name in names:
+        if filled >= total * len(groups) / shards and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        filled += shapes[name].numel() * 4
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, sizes = {}, []
+    for i, group in enumerate(groups, start=1):
+        file_name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file(
+            {n: torch.randn(shapes[n], generator=generator) for n in group}, folder / file_name
+        )
+        weight_map.update(dict.fromkeys(group, file_name))
+        sizes.append((folder / file_name).stat().st_size)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return sizes
+
+
+def io_floor(early: Path, latest: Path, out: Path) -> float:
+    """Seconds to read every byte of both inputs and write (and fsync) one output as large."""
+    buffer, other = bytearray(CHUNK), bytearray(CHUNK)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    out.mkdir()
+    for path in sorted(latest.glob("*.safetensors")):
+        with (
+            open(early / path.name, "rb") as e,
+            open(path, "rb") as f,
+            open(out / path.name, "wb") as o,
+        ):
+            while n := f.readinto(buffer):
+                e.readinto(other)
+                o.write(view[:n])
+            o.flush()
+            os.fsync(o.fileno())
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return seconds
+
+
+def child(*args: str) -> tuple[dict, float]:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="where to write the checkpoints (temp)")
+    args = parser.parse_args()
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128,
+        num_key_value_heads=args.hidden // 128,
+        tie_word_embeddings=False,
+    )
+    root = Path(tempfile.mkdtemp(prefix="wise-bench-merge-", dir=args.dir))
+    try:
+        early, latest, out = root / "early", root / "latest", root / "out"
+        write_checkpoint(early, config, args.shards, seed=0)
+        shard_sizes = write_checkpoint(latest, config, args.shards, seed=1)
+        interpreter, _ = child()
+        floors, merges, walls, rss = [], [], [], []
+        for _ in range(args.repeats):
+            floors.append(io_floor(early, latest, out))
+            report, wall = child(str(early), str(latest), str(out))
+            merges.append(report["merge_s"])
+            walls.append(wall)
+            rss.append(report["maxrss"])
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    floor, merge, wall = min(floors), min(merges), min(walls)
+    rss_limit = 2 * max(shard_sizes) + interpreter["maxrss"]
+    result = {
+        "bench": "merge",
+        "checkpoint_bytes": sum(shard_sizes),
+        "shards": len(shard_sizes),
+        "largest_shard_bytes": max(shard_sizes),
+        "seconds": {
+            "merge": round(merge, 3),
+            "merge_process": round(wall, 3),
+            "io_floor": round(floor, 3),
+        },
+        "merge_over_io_floor": round(merge / floor, 3),
+        "merge_process_over_io_floor": round(wall / floor, 3),
+        "peak_rss_bytes": max(rss),
+        "interpreter_rss_bytes": interpreter["maxrss"],
+        "peak_rss_over_limit": round(max(rss) / rss_limit, 3),
+        "mergekit_reference": {"seconds": [13.5, 15.7], "anon_bytes": 1.3e9, "source": "issue 2"},
+        "goals_met": {
+            "merge<=2x_io_floor": merge <= 2 * floor,
+            "rss<2x_shard+interpreter": max(rss) < rss_limit,
+            "merge_process<=half_mergekit_13.5s": wall <= 13.5 / 2,
+        },
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
