@@ -1,0 +1,276 @@
+"""WiSEFTCallback with a real Lightning Trainer on a tiny Llama and a toy sum task (fast tests)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from transformers import AutoModelForCausalLM
+
+from callback_toy import ToyModule, toy_problems
+from wise_callback import Snapshot, WiSEFTCallback, interpolate_
+from wise_callback.grading import exact_match
+from wise_callback.sampling import HFSampler
+
+FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (non-persistent ones too, as a snapshot holds them)."""
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class Bracket(Callback):
+    """Put one before and one after WiSEFTCallback: the weights (and mode) each sees per step."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[dict[str, torch.Tensor], bool]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen[trainer.global_step] = (weights(pl_module.model), pl_module.model.training)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seen[-1] = (weights(pl_module.model), pl_module.model.training)
+
+
+def trainer_for(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu",
+        max_steps=12,
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(problems=[]), "problems is empty"),
+        (dict(problems=[{"prompt": "1+1="}]), "lacks \\['answer'\\]"),
+        (dict(alphas=(0.5, 1.5)), "outside \\[0, 1\\]"),
+        (dict(alphas=(float("nan"),)), "finite"),
+        (dict(ks=(1, 32)), "k=32 .* larger than num_samples=16"),
+        (dict(select_metric="pass@64"), "select_metric='pass@64' is not among"),
+        (dict(select_metric="var_rho"), "larger is better"),
+        (dict(snapshot_at=1.5), "fraction of the planned steps"),
+        (dict(snapshot_at=0), "step >= 1"),
+        (dict(eval_every_n_steps=0), "eval_every_n_steps must be a positive int"),
+        (dict(final_alpha="worst"), "final_alpha must be a float, 'best' or None"),
+        (dict(final_alpha=2.0), "outside \\[0, 1\\]"),
+        (dict(sampler="sglang"), "sampler must be one of"),
+        (dict(on_collapse="panic"), "on_collapse must be"),
+        (dict(collapse_min_drop=-0.1), "collapse_min_drop"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(problems="/nonexistent/problems.jsonl"), "problems file not found"),
+    ],
+)
+def test_bad_arguments_fail_in_the_constructor(kwargs, match):
+    arguments = dict(problems=toy_problems(), grader=exact_match)
+    arguments.update(kwargs)
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        WiSEFTCallback(**arguments)
+
+
+def test_snapshot_after_the_last_step_fails_before_training(tmp_path):
+    module = ToyModule()
+    before = weights(module.model)
+    callback = WiSEFTCallback(toy_problems(), module.tokenizer, snapshot_at=50, **FAST)
+    with pytest.raises(ValueError, match=r"snapshot_at=50 .* after the last planned step 12"):
+        trainer_for(tmp_path, [callback]).fit(module)
+    assert_same(before, weights(module.model))
+
+
+def test_fit_snapshots_evaluates_logs_and_merges(tmp_path):
+    """The whole life cycle, with gradient accumulation (2 micro-batches per step)."""
+    module = ToyModule()
+    before, after = Bracket(), Bracket()
+    callback = WiSEFTCallback(
+        toy_problems(),
+        module.tokenizer,
+        snapshot_at=0.25,  # of 12 steps: step 3
+        eval_every_n_steps=4,
+        alphas=(0.5, 0.25),
+        final_alpha="best",
+        select_metric="pass@4",
+        save_merged_to=tmp_path / "merged",
+        **FAST,
+    )
+    trainer = trainer_for(tmp_path, [before, callback, after], accumulate_grad_batches=2)
+    trainer.fit(module)
+
+    steps = [(r["step"], r["alpha"]) for r in callback.history]
+    assert steps == [(3, 0.0)] + [(s, a) for s in (4, 8, 12) for a in (0.25, 0.5, 1.0)]
+    record = callback.history[-1]
+    assert record["num_problems"] == 6 and record["num_samples"] == 24
+    assert 0.0 <= record["pass@1"] <= record["pass@2"] <= record["pass@4"] <= 1.0
+    assert record["mean_rho"] == pytest.approx(record["pass@1"])
+    assert sum(record["rho_hist"]) == 6
+
+    # weights and mode restored bit for bit after every evaluation, nothing changed otherwise
+    for step in before.seen:
+        if step != -1:
+            assert_same(before.seen[step][0], after.seen[step][0])
+            assert after.seen[step][1] is True
+
+    # the snapshot is the weights after step 3, on disk beside where checkpoints would go
+    snapshot_file = tmp_path / "wiseft-snapshot-step3.safetensors"
+    assert_same(Snapshot.load(snapshot_file).tensors, before.seen[3][0])
+
+    # merged: the best alpha of the final evaluation (ties toward the larger alpha)
+    final = [r for r in callback.history if r["step"] == 12]
+    best = max(final, key=lambda r: (r["pass@4"], r["alpha"]))
+    assert callback.chosen_alpha == best["alpha"]
+    expected = ToyModule().model
+    expected.load_state_dict(before.seen[-1][0], strict=False)
+    interpolate_(expected, Snapshot.load(snapshot_file), callback.chosen_alpha)
+    assert_same(weights(expected), weights(module.model))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert_same(weights(saved), weights(module.model))
+    merge = json.loads((tmp_path / "merged" / "wiseft_merge.json").read_text())
+    assert merge["alpha"] == callback.chosen_alpha and merge["snapshot_step"] == 3
+
+    # history.jsonl in the log folder = history; the CSV logger got the metrics at their steps
+    log_dir = tmp_path / "logs" / "version_0"
+    lines = (log_dir / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == callback.history
+    with open(log_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {(int(r["step"]), k) for r in rows for k, v in r.items() if v and "wiseft" in k}
+    assert (3, "wiseft/alpha_0.00/pass@4") in logged
+    assert (8, "wiseft/alpha_0.25/maj@4") in logged
+    assert (12, "wiseft/alpha_1.00/jensen_bound@4") in logged
+    assert (12, "wiseft/collapse") in logged and (12, "wiseft/final_alpha") in logged
+    assert "wiseft/alpha_0.50/pass@4" in trainer.callback_metrics
+
+    # evaluations leave the training trajectory alone: same weights as a run without the callback
+    plain = ToyModule()
+    trainer_for(tmp_path / "plain", [], accumulate_grad_batches=2, logger=False).fit(plain)
+    assert_same(weights(plain.model), before.seen[-1][0])
+
+
+class FailingSampler(HFSampler):
+    """A real HFSampler that raises on one chosen call (fault injection)."""
+
+    def __init__(self, *args, fail_on_call: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def sample(self, prompts, n, config):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("sampler exploded")
+        return super().sample(prompts, n, config)
+
+
+@pytest.mark.parametrize("fail_on_eval_error", [False, True])
+def test_a_failing_evaluation_restores_the_weights(tmp_path, fail_on_eval_error):
+    module = ToyModule()
+    # calls: snapshot eval at step 2 (6 problems) -> 6 calls; step 4: alpha 1.0 takes calls
+    # 7..12, the sweep's alpha 0.5 starts at call 13: fail in the middle of the interpolant
+    sampler = FailingSampler(module.model, module.tokenizer, progress=False, fail_on_call=15)
+    before, after = Bracket(), Bracket()
+    callback = WiSEFTCallback(
+        toy_problems(),
+        module.tokenizer,
+        snapshot_at=2,
+        eval_every_n_steps=4,
+        alphas=(0.5,),
+        sampler=sampler,
+        fail_on_eval_error=fail_on_eval_error,
+        **FAST,
+    )
+    trainer = trainer_for(tmp_path, [before, callback, after], max_steps=8)
+    if fail_on_eval_error:
+        with pytest.raises(RuntimeError, match="sampler exploded"):
+            trainer.fit(module)
+        assert_same(before.seen[4][0], weights(module.model))
+        return
+    with pytest.warns(UserWarning, match="step 4 failed with RuntimeError: sampler exploded"):
+        trainer.fit(module)
+    assert_same(before.seen[4][0], after.seen[4][0])
+    assert after.seen[4][1] is True
+    assert [r["step"] for r in callback.history] == [2, 8, 8]  # 4 is missing, training went on
+
+
+def test_collapse_warning_fires_once_and_acts(tmp_path):
+    module = ToyModule()
+    seen = []
+    callback = WiSEFTCallback(
+        toy_problems(),
+        module.tokenizer,
+        ks=(1, 4),
+        collapse_min_drop=0.1,
+        collapse_patience=2,
+        on_collapse=lambda trainer, pl_module, info: seen.append(info),
+        **FAST,
+    )
+    trainer = trainer_for(tmp_path, [callback], max_steps=1)
+    records = [  # (step, pass@4, pass@1): peak at 10, then two drops of >= 0.1 with pass@1 up
+        (5, 0.6, 0.2),
+        (10, 0.9, 0.3),
+        (15, 0.75, 0.35),  # drop 0.15, pass@1 held: 1 in a row
+        (20, 0.85, 0.4),  # drop 0.05 < 0.1: the run is broken
+        (25, 0.7, 0.25),  # pass@1 fell below its value at the peak: not collapse
+        (30, 0.85, 0.4),  # drop too small again
+        (35, 0.6, 0.45),
+        (40, 0.5, 0.5),  # second in a row: fires
+        (45, 0.4, 0.6),  # already fired: no second warning
+    ]
+    fired = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, pass4, pass1 in records:
+            record = {"step": step, "pass@4": pass4, "mean_rho": pass1}
+            fired.append(callback._check_collapse(trainer, module, record))
+    assert fired == [False] * 7 + [True, True]
+    messages = [str(w.message) for w in caught if "collapse" in str(w.message)]
+    assert len(messages) == 1
+    assert "step 40: pass@4 fell from 0.9000 (step 10) to 0.5000" in messages[0]
+    assert seen == [
+        {
+            "step": 40,
+            "metric": "pass@4",
+            "best": 0.9,
+            "best_step": 10,
+            "current": 0.5,
+            "pass@1_at_best": 0.3,
+            "pass@1": 0.5,
+            "evaluations_in_a_row": 2,
+        }
+    ]
+    stopping = WiSEFTCallback(toy_problems(), module.tokenizer, on_collapse="stop", **FAST)
+    stopping.collapse_patience = 1
+    for step, pass_k in ((1, 0.9), (2, 0.5)):
+        stopping._check_collapse(trainer, module, {"step": step, "pass@4": pass_k, "mean_rho": 0})
+    assert trainer.should_stop
+
+
+def test_bf16_mixed_and_a_fixed_alpha(tmp_path):
+    module = ToyModule()
+    callback = WiSEFTCallback(
+        toy_problems(3), module.tokenizer, snapshot_at=2, eval_every_n_steps=3,
+        alphas=(0.5,), final_alpha=0.25, **FAST,
+    )  # fmt: skip
+    trainer_for(tmp_path, [callback], max_steps=4, precision="bf16-mixed").fit(module)
+    assert [(r["step"], r["alpha"]) for r in callback.history] == [
+        (2, 0.0), (3, 0.5), (3, 1.0), (4, 0.5), (4, 1.0),
+    ]  # fmt: skip
+    assert callback.chosen_alpha == 0.25
