@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,6 +49,14 @@ from wise_callback.evaluate import (
     check_alphas,
     check_problems,
     evaluate,
+)
+from wise_callback.generations import (
+    format_samples,
+    log_sample_table,
+    pick_examples,
+    sample_rows,
+    write_generations,
+    write_jsonl,
 )
 from wise_callback.grading import Grader, exact_match
 from wise_callback.sampling import Sampler, SamplingConfig
@@ -105,6 +114,18 @@ class WiSEFTCallback(Callback):
         grade_timeout_s, grade_workers: per-completion grading timeout, and grading worker
             processes (0: grade in this process).
         progress: show a progress bar while sampling (rank zero only).
+        num_examples_to_log: how many problems (the same ones at every evaluation, spread over
+            the list) show their first completion under every alpha in the sample table.
+        print_samples: print that many rows of the sample table to the console per evaluation.
+        save_generations: write every completion of every evaluation to
+            `generations/step_{N}.jsonl` in the log folder (True), or in this folder.
+        apply_chat_template: format each text prompt as a user message with the tokenizer's
+            chat template (and the generation prompt) before sampling.
+        max_problems: evaluate a fixed subset of this many problems (chosen with `seed`).
+        eval_at_start: evaluate the weights at step 0 (alpha = 1.0), a baseline before training.
+        eval_time_budget_s: wall-clock seconds of sampling per evaluation; when they run out,
+            sampling stops cleanly and the metrics cover the problems that every alpha reached
+            (`num_problems` of `num_problems_planned`); the weights are restored as always.
     """
 
     def __init__(
@@ -139,9 +160,16 @@ class WiSEFTCallback(Callback):
         grade_timeout_s: float = 10.0,
         grade_workers: int | None = None,
         progress: bool = True,
+        num_examples_to_log: int = 4,
+        print_samples: int = 0,
+        save_generations: bool | str | os.PathLike = False,
+        apply_chat_template: bool = False,
+        max_problems: int | None = None,
+        eval_at_start: bool = False,
+        eval_time_budget_s: float | None = None,
     ) -> None:
         super().__init__()
-        self.problems = _read_problems(problems)
+        self.problems = _subset(_read_problems(problems), max_problems, seed)
         if isinstance(grader, str):
             grader = _import_object(grader)
         if not callable(grader):
@@ -166,6 +194,7 @@ class WiSEFTCallback(Callback):
             sampling=sampling,
             grade_timeout_s=grade_timeout_s,
             grade_workers=grade_workers,
+            time_budget_s=eval_time_budget_s,
         )
         self.alphas = tuple(a for a in check_alphas(alphas) if a != CURRENT)
         self.select_metric = select_metric or f"pass@{self.config.max_k}"
@@ -207,6 +236,27 @@ class WiSEFTCallback(Callback):
         self.snapshot_dtype = snapshot_dtype
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.progress = bool(progress)
+        for name, value in (
+            ("num_examples_to_log", num_examples_to_log),
+            ("print_samples", print_samples),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        self.examples = pick_examples(len(self.problems), num_examples_to_log)
+        self.print_samples = print_samples
+        if not isinstance(save_generations, (bool, str, os.PathLike)):
+            raise TypeError(f"save_generations must be a bool or a folder: {save_generations!r}")
+        self.save_generations = save_generations
+        self.apply_chat_template = bool(apply_chat_template)
+        if (
+            self.apply_chat_template
+            and tokenizer is not None
+            and not isinstance(tokenizer, (str, os.PathLike))
+        ):
+            _check_chat_template(tokenizer)
+        self.eval_at_start = bool(eval_at_start)
+        self.sample_table: list[dict[str, Any]] = []
+        self._eval_problems = self.problems  # chat-formatted in setup() if asked
 
         self.history: list[dict[str, Any]] = []
         self.chosen_alpha: float | None = None
@@ -227,6 +277,8 @@ class WiSEFTCallback(Callback):
         if stage != "fit":
             return
         self.tokenizer = self._resolve_tokenizer(pl_module)
+        if self.apply_chat_template:
+            self._eval_problems = _chat_formatted(self.problems, self.tokenizer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,6 +289,9 @@ class WiSEFTCallback(Callback):
         if self._snapshot_file is not None and self.snapshot is None:
             self.snapshot = self._load_snapshot(trainer)
         self._write_history(trainer)
+        self._write_samples(trainer)
+        if self.eval_at_start and trainer.global_step == 0 and self._last_eval_step is None:
+            self._run_evaluation(trainer, pl_module, (CURRENT,))  # the step-0 baseline
 
     def _resolve_tokenizer(self, pl_module: pl.LightningModule) -> Any:
         tokenizer = self.tokenizer
@@ -428,7 +483,7 @@ class WiSEFTCallback(Callback):
             evaluation = evaluate(
                 self._model,
                 self.snapshot,
-                self.problems,
+                self._eval_problems,
                 self._sampler,
                 self.grader,
                 self.config,
@@ -458,10 +513,51 @@ class WiSEFTCallback(Callback):
             for name, value in r.items()
             if name not in ("step", "alpha") and isinstance(value, (int, float))
         }
+        metrics.update(self._best_of(records))
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
-        metrics["wiseft/collapse"] = float(self._check_collapse(trainer, pl_module, current))
+        baseline = step == 0  # before any training: not part of the collapse watch
+        collapsed = not baseline and self._check_collapse(trainer, pl_module, current)
+        metrics["wiseft/collapse"] = float(collapsed)
         self._log(trainer, metrics, step)
         self._write_history(trainer)
+        self._publish_samples(trainer, evaluation)
+
+    def _best_of(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """`wiseft/best/{select_metric}` and `wiseft/best_alpha`: the best alpha of this
+        evaluation (ties toward the larger alpha), a single name to monitor."""
+        best = max(records, key=lambda r: (r[self.select_metric], r["alpha"]))
+        return {
+            f"wiseft/best/{self.select_metric}": float(best[self.select_metric]),
+            "wiseft/best_alpha": float(best["alpha"]),
+        }
+
+    def _publish_samples(self, trainer: pl.Trainer, evaluation: Evaluation) -> None:
+        """Rank zero: the sample table to the loggers, samples.jsonl, the console, the dump;
+        and a word when the time budget cut the evaluation short."""
+        if not trainer.is_global_zero:
+            return
+        step = evaluation.step
+        assert step is not None
+        covered = evaluation.results[0].metrics["num_problems"]
+        if covered < len(self.problems):
+            rank_zero_info(
+                f"WiSEFTCallback: eval_time_budget_s={self.config.time_budget_s} ran out at step "
+                f"{step}: {covered} of {len(self.problems)} problems covered"
+            )
+        rows = sample_rows(evaluation, self.problems, self.examples)
+        self.sample_table = [r for r in self.sample_table if r["step"] != step] + rows
+        if self.examples:
+            log_sample_table(trainer.loggers, self.sample_table, rows, step)
+            self._write_samples(trainer)
+        if self.print_samples:
+            rank_zero_info(format_samples(rows[: self.print_samples]))
+        if self.save_generations:
+            folder = (
+                self.history_path(trainer).with_name("generations")
+                if self.save_generations is True
+                else Path(self.save_generations)
+            )
+            write_generations(evaluation, self.problems, folder)
 
     def _check_collapse(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: dict[str, Any]
@@ -519,6 +615,11 @@ class WiSEFTCallback(Callback):
         text = "".join(json.dumps(record) + "\n" for record in self.history)
         _atomic_write_text(path, text)
 
+    def _write_samples(self, trainer: pl.Trainer) -> None:
+        """samples.jsonl beside history.jsonl: every row of the sample table (rank zero)."""
+        if trainer.is_global_zero and self.examples:
+            write_jsonl(self.history_path(trainer).with_name("samples.jsonl"), self.sample_table)
+
     def _save_merged(self, trainer: pl.Trainer) -> None:
         """save_pretrained of the merged model + tokenizer into save_merged_to, atomically."""
         assert self._model is not None and self.save_merged_to is not None
@@ -562,6 +663,7 @@ class WiSEFTCallback(Callback):
             "snapshot_file": self._snapshot_file,
             "snapshot_saved_in": self._snapshot_saved_in,
             "snapshot_step": self.snapshot.step if self.snapshot is not None else None,
+            "sample_table": [dict(r) for r in self.sample_table],
         }
 
     @override
@@ -571,6 +673,7 @@ class WiSEFTCallback(Callback):
         self._last_eval_step = state_dict["last_eval_step"]
         self._snapshot_file = state_dict["snapshot_file"]
         self._snapshot_saved_in = state_dict["snapshot_saved_in"]
+        self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
         self.snapshot = None  # reloaded from its file in on_train_start
 
 
@@ -603,7 +706,16 @@ class _CollapseState:
 
 
 def _read_problems(problems: Any) -> list[dict[str, Any]]:
-    """Problems from a list/Dataset, or from a JSONL file path."""
+    """Problems from a list/Dataset, a JSONL file path, or a mapping {source: either of those}
+    (several evaluation sets at once: each problem gets its set's name as "source")."""
+    if isinstance(problems, Mapping) and not {"prompt", "answer"} <= problems.keys():
+        if not problems:
+            raise ValueError("problems is an empty mapping: give at least one evaluation set")
+        return [
+            {**problem, "source": str(source)}
+            for source, rows in problems.items()
+            for problem in _read_problems(rows)
+        ]
     if isinstance(problems, (str, os.PathLike)):
         path = Path(problems)
         if not path.is_file():
@@ -611,6 +723,48 @@ def _read_problems(problems: Any) -> list[dict[str, Any]]:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         problems = [json.loads(line) for line in lines]
     return check_problems(problems)
+
+
+def _subset(
+    problems: list[dict[str, Any]], max_problems: int | None, seed: int
+) -> list[dict[str, Any]]:
+    """A fixed random subset of `max_problems` problems (seeded), in their original order."""
+    if max_problems is None:
+        return problems
+    if isinstance(max_problems, bool) or not isinstance(max_problems, int) or max_problems < 1:
+        raise ValueError(f"max_problems must be None or an int >= 1, got {max_problems!r}")
+    if max_problems >= len(problems):
+        return problems
+    chosen = sorted(random.Random(seed).sample(range(len(problems)), max_problems))
+    return [problems[i] for i in chosen]
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"apply_chat_template=True, but the tokenizer ({type(tokenizer).__name__}) has no "
+            "chat_template; set tokenizer.chat_template or pass apply_chat_template=False"
+        )
+
+
+def _chat_formatted(problems: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """The problems with each text prompt replaced by the token ids of the tokenizer's chat
+    template around it (one user message, then the generation prompt). Ids, not text, so that
+    the sampler adds no second BOS token."""
+    _check_chat_template(tokenizer)
+    formatted = []
+    for index, problem in enumerate(problems):
+        prompt = problem["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"apply_chat_template=True needs text prompts; problem {index} has ids"
+            )
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
+        )
+        ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        formatted.append({**problem, "prompt": [int(i) for i in ids]})
+    return formatted
 
 
 def _import_object(path: str) -> Any:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from wise_callback.grading import Grader, grade_many
 from wise_callback.metrics import answer_diversity, collapse_stats, majority_at_k
 from wise_callback.sampling import Completion, Sampler, SamplingConfig
+from wise_callback.stats import generation_health, standard_errors
 from wise_callback.weights import Snapshot, alpha_sweep, check_alpha
 
 CURRENT = 1.0
@@ -60,6 +61,7 @@ class EvalConfig:
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
     problems_per_call: int = 1
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int):
@@ -90,6 +92,11 @@ class EvalConfig:
             raise ValueError(f"grade_workers must be None or >= 0, got {self.grade_workers}")
         if isinstance(self.problems_per_call, bool) or self.problems_per_call < 1:
             raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
+        budget = self.time_budget_s
+        if budget is not None and not (
+            isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)
+        ):
+            raise ValueError(f"time_budget_s must be None or a positive number, got {budget!r}")
 
     @property
     def max_k(self) -> int:
@@ -102,11 +109,14 @@ class EvalConfig:
         names = [f"pass@{k}" for k in self.ks] + [f"maj@{k}" for k in self.ks]
         names += ["mean_rho", "var_rho", "frac_rho0", "frac_rho1"]
         names += [f"jensen_bound@{k}" for k in self.ks if k >= 2]
-        return [*names, "mean_distinct_answers", "mean_answer_entropy", "mean_none_fraction"]
+        names += ["mean_distinct_answers", "mean_answer_entropy", "mean_none_fraction"]
+        names += [f"{m}@{k}_se" for m in ("pass", "maj") for k in self.ks]
+        return [*names, "mean_completion_tokens", "frac_truncated"]
 
     def selectable_metrics(self) -> list[str]:
         """Metrics where larger is better: the ones an alpha can be chosen by."""
-        return [m for m in self.metric_names() if m.startswith(HIGHER_IS_BETTER)]
+        names = self.metric_names()
+        return [m for m in names if m.startswith(HIGHER_IS_BETTER) and not m.endswith("_se")]
 
 
 def default_ks(num_samples: int) -> tuple[int, ...]:
@@ -209,10 +219,12 @@ class Evaluation:
 def summarize(problems: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, Any]:
     """The collapse metrics of a set of per-problem results (a whole alpha, or any subset).
 
-    Keys: pass@k and maj@k for each k; the bias-variance terms of `collapse_stats` (mean_rho,
+    Keys: pass@k and maj@k for each k, and their standard errors over problems (pass@k_se,
+    maj@k_se; None for a single problem); the bias-variance terms of `collapse_stats` (mean_rho,
     var_rho, jensen_bound@k for k >= 2, frac_rho0, frac_rho1) and rho_hist (problem counts over
     10 equal bins of rho); the `answer_diversity` means (mean_distinct_answers,
-    mean_answer_entropy, mean_none_fraction); num_problems and num_samples.
+    mean_answer_entropy, mean_none_fraction: the fraction of samples with no extractable answer);
+    generation health (mean_completion_tokens, frac_truncated); num_problems and num_samples.
     """
     if not problems:
         raise ValueError("no problem results to summarize")
@@ -227,12 +239,39 @@ def summarize(problems: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str,
     )
     metrics.update(stats.scalars())
     metrics.update(answer_diversity(answers).scalars())
+    metrics.update(standard_errors(c, answers, [p.correct for p in problems], ks))
+    metrics.update(
+        generation_health([p.finish_reasons for p in problems], [p.num_tokens for p in problems])
+    )
     metrics.update(
         rho_hist=[int(x) for x in stats.rho_histogram],
         num_problems=len(problems),
         num_samples=int(n.sum()),
     )
     return metrics
+
+
+def summarize_by_source(
+    results: Sequence[ProblemResult], problems: Sequence[Mapping[str, Any]], ks: Sequence[int]
+) -> dict[str, Any]:
+    """Every scalar metric of `summarize` per problem "source" (e.g. "gsm8k"), as
+    "{source}/{metric}" keys; {} when no problem has a source (others count as "unknown").
+
+    Means over problems (pass@k, maj@k, mean_rho, ...) of the sources, weighted by their
+    num_problems, average back to the overall numbers.
+    """
+    sources = [problems[r.index].get("source") for r in results]
+    if all(source is None for source in sources):
+        return {}
+    groups: dict[str, list[ProblemResult]] = {}
+    for result, source in zip(results, sources, strict=True):
+        groups.setdefault("unknown" if source is None else str(source), []).append(result)
+    return {
+        f"{source}/{name}": value
+        for source, group in sorted(groups.items())
+        for name, value in summarize(group, ks).items()
+        if not isinstance(value, list)
+    }
 
 
 def evaluate(
@@ -255,6 +294,11 @@ def evaluate(
     r, r + world_size, ...; the per-problem results are gathered so that every rank returns the
     full, identical `Evaluation`. On return the weights and the train/eval mode of every submodule
     are as they were on entry, bit for bit, also when sampling or grading raises.
+
+    With `config.time_budget_s`, each alpha gets its share of the budget for sampling (what one
+    alpha leaves unused goes to the next); when it runs out, sampling stops between two sampler
+    calls (every alpha makes at least one), and every alpha is scored on the same problems: those
+    that all alphas covered. Records say `num_problems` (covered) of `num_problems_planned`.
     """
     alphas = check_alphas(alphas)
     if snapshot is None and alphas != (CURRENT,):
@@ -281,6 +325,7 @@ def evaluate(
             timings,
             progress,
         )
+        local = local[: min(len(samples) for samples in completions.values())]  # budget cut
         tick = time.perf_counter()
         graded = _grade(completions, [problems[i] for i in local], local, grader, config)
         timings["grade_s"] = time.perf_counter() - tick
@@ -299,7 +344,9 @@ def evaluate(
             graded[alpha].problems,
             {
                 **summarize(graded[alpha].problems, config.ks or ()),
+                **summarize_by_source(graded[alpha].problems, problems, config.ks or ()),
                 "timed_out": graded[alpha].timed_out,
+                "num_problems_planned": len(problems),
             },
         )
         for alpha in alphas
@@ -321,7 +368,8 @@ def _sample(
     timings: dict[str, float],
     progress: bool,
 ) -> dict[float, list[list[Completion]]]:
-    """This rank's completions for every alpha: 1.0 first as it is, the others in one sweep."""
+    """This rank's completions for every alpha: 1.0 first as it is, the others in one sweep;
+    cut to the problems that every alpha covered when the time budget ran out."""
     # the same number of sampler calls on every rank (empty ones included): sharded (FSDP2)
     # generation is collective and needs every rank in every forward
     per_call = config.problems_per_call
@@ -337,13 +385,19 @@ def _sample(
         leave=False,
     )
 
+    order = sorted(alphas, key=lambda a: a != CURRENT)  # the sampling order
+    budget_start = time.perf_counter()
+
     def sample_all(alpha: float) -> None:
+        deadline = _deadline(config.time_budget_s, budget_start, order.index(alpha), len(order))
         tick = time.perf_counter()
         sampler.load_weights(model)
         timings["push_s"] += time.perf_counter() - tick
         tick = time.perf_counter()
         completions[alpha] = []
-        for call in calls:
+        for number, call in enumerate(calls):
+            if number > 0 and _out_of_time(deadline, world_size):
+                break
             prompts = [problems[i]["prompt"] for i in call]
             samples = sampler.sample(prompts, config.num_samples, sampling)
             _check_counts(sampler, samples, call, config.num_samples)
@@ -373,7 +427,28 @@ def _sample(
         for module, training in modes.items():
             module.training = training
         bar.close()
-    return completions
+    covered = min(len(samples) for samples in completions.values())
+    return {alpha: samples[:covered] for alpha, samples in completions.items()}
+
+
+def _deadline(budget_s: float | None, start: float, position: int, count: int) -> float:
+    """When the alpha sampled at `position` (of `count`) must stop: its cumulative share."""
+    if budget_s is None:
+        return math.inf
+    return start + budget_s * (position + 1) / count
+
+
+def _out_of_time(deadline: float, world_size: int) -> bool:
+    """Past the deadline, on any rank (decided together, so that every rank makes the same
+    sampler calls: sharded generation needs all of them in every forward)."""
+    if deadline == math.inf:
+        return False
+    late = time.perf_counter() > deadline
+    if world_size > 1:
+        everyone: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(everyone, late)
+        late = any(everyone)
+    return late
 
 
 def _check_counts(
