@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy: object = ModelParallelStrategy(data_parallel_size=args.devices)
+        strategy: object = ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1
+        )
     elif args.strategy == "ddp":
         strategy = "ddp"
     else:

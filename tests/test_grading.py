@@ -271,3 +271,34 @@ def test_grade_many_survives_dying_workers_and_reports_raising_graders():
     with pytest.raises(GradingError, match=r"(?s)item 2.*ArithmeticError: cannot grade this"):
         grade_many(raising_grader, ["a", "b", "bad", "c"], ["a"] * 4, workers=WORKERS)
     assert grade_many(raising_grader, ["a"] * 4, ["a"] * 4, workers=WORKERS).timed_out == 0
+
+
+MAIN_SCRIPT = """
+import os, sys
+from wise_callback.grading import Verdict, grade_many
+
+def shout(completion, reference):
+    return Verdict(completion.upper(), completion == reference)
+
+print("imported as", __name__, file=sys.stderr)
+if __name__ == "__main__":
+    verdicts, timed_out = grade_many(shout, ["a", "b"], ["a", "a"], workers=1)
+    print([v.answer for v in verdicts], [v.correct for v in verdicts], timed_out)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_grader_defined_in_a_script_main_runs_in_workers(tmp_path):
+    """Workers load the script as __mp_main__ (its main block does not run there)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(MAIN_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=100, check=True
+    )
+    assert done.stdout.strip() == "['A', 'B'] [True, False] 0"
+    assert done.stderr.count("imported as __main__") == 1
+    assert done.stderr.count("imported as __mp_main__") == 1

@@ -116,7 +116,15 @@ def test_extrapolation_only_on_request(net):
         torch.testing.assert_close(tensor.double(), expected[name], rtol=0, atol=1e-5)
 
 
-def test_low_precision_snapshot_is_computed_in_module_dtype(net):
+@pytest.mark.parametrize("staging_bytes", [None, 44], ids=["one-batch", "tiny-staging-buffer"])
+def test_low_precision_snapshot_is_computed_in_module_dtype(net, monkeypatch, staging_bytes):
+    """A bf16 snapshot streams through the staging buffer, here also in slices of 11 elements
+    that split tensors and span several per batch."""
+    if staging_bytes:
+        monkeypatch.setattr("wise_callback.weights.STAGING_BYTES", staging_bytes)
+    with torch.no_grad():  # a non-contiguous parameter is converted whole
+        net.first.weight = nn.Parameter(net.first.weight.detach().t().contiguous().t())
+    assert not net.first.weight.is_contiguous()
     snapshot = Snapshot.capture(net, dtype=torch.bfloat16)
     perturb(net)
     latest = state(net)
@@ -125,6 +133,14 @@ def test_low_precision_snapshot_is_computed_in_module_dtype(net):
     for name, tensor in named_float_tensors(net).items():
         assert tensor.dtype == torch.float32
         torch.testing.assert_close(tensor.double(), expected[name], rtol=0, atol=1e-6)
+    with alpha_sweep(net, snapshot) as set_alpha:
+        before = state(net)
+        for alpha in (0.8, 0.1):
+            set_alpha(alpha)
+            expected = reference(snapshot.tensors, before, alpha)
+            for name, tensor in named_float_tensors(net).items():
+                torch.testing.assert_close(tensor.double(), expected[name], rtol=0, atol=1e-6)
+    assert_state_equal(net, before)
 
 
 def test_pairs_by_name_not_position():

@@ -60,7 +60,135 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="about 1 minute instead of about 5")
+    parser.add_argument("--seed", type=int, default=0, help="data split and sampling seed")
+    parser.add_argument("--out", default="wiseft_demo", metavar="DIR", help="output folder")
+    parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, no table")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from wise_callback.demo.run import run_demo
+
+    run_demo(
+        args.out, quick=args.quick, seed=args.seed, sampler=args.sampler, progress=not args.quiet
+    )
+    if not args.quiet:
+        print(f"wrote {args.out}/history.jsonl, summary.json and report.png")
+    return 0
+
+
+GRADERS = {
+    "exact": "exact_match",
+    "numeric": "numeric_match",
+    "math": "math_verify_match",
+}
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--early", required=True, metavar="DIR", help="early SFT checkpoint")
+    parser.add_argument("--latest", required=True, metavar="DIR", help="latest checkpoint")
+    parser.add_argument(
+        "--problems", required=True, metavar="FILE", help='JSONL lines {"prompt", "answer"}'
+    )
+    parser.add_argument(
+        "--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="weights on LATEST"
+    )
+    parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--grader", choices=sorted(GRADERS), default="math")
+    parser.add_argument("--num-samples", type=int, default=16, help="completions per problem")
+    parser.add_argument("--ks", type=int, nargs="+", help="default: 1, 2, 4, ... num-samples")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", metavar="FILE", help="write the records as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from wise_callback import grading
+    from wise_callback.evaluate import EvalConfig
+    from wise_callback.offline import evaluate_checkpoints, read_problems
+    from wise_callback.report import format_table
+    from wise_callback.sampling import SamplingConfig
+
+    config = EvalConfig(
+        num_samples=args.num_samples,
+        ks=tuple(args.ks) if args.ks else None,
+        sampling=SamplingConfig(
+            temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed
+        ),
+    )
+    evaluation = evaluate_checkpoints(
+        args.early,
+        args.latest,
+        read_problems(args.problems),
+        getattr(grading, GRADERS[args.grader]),
+        config,
+        alphas=args.alphas,
+        sampler=args.sampler,
+        progress=not args.quiet,
+    )
+    records = evaluation.records()
+    print(format_table(records))
+    if args.out:
+        text = json.dumps({"records": records, "timings": evaluation.timings}, indent=2)
+        _write_text_atomically(args.out, text + "\n")
+    return 0
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", metavar="DIR", help="a folder with history.jsonl (or the file)")
+    parser.add_argument("--out", metavar="PNG", help="default: DIR/report.png")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from wise_callback.report import format_table, plot_history, read_history
+
+    records = read_history(args.dir)
+    folder = Path(args.dir) if Path(args.dir).is_dir() else Path(args.dir).parent
+    out = plot_history(records, args.out or folder / "report.png")
+    print(format_table(records))
+    print(f"wrote {out}")
+    return 0
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".wise-ft-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
 COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "SFT a tiny model on a toy reasoning task: watch Pass@k collapse and WiSE-FT recover it",
+        _demo_arguments,
+        _demo,
+    ),
+    "eval": Command(
+        "sample, grade and score an alpha grid between two saved checkpoints",
+        _eval_arguments,
+        _eval,
+    ),
+    "plot": Command(
+        "redraw report.png and the table from a run's history.jsonl",
+        _plot_arguments,
+        _plot,
+    ),
     "merge": Command(
         "merge two Hugging Face checkpoint folders into theta(alpha), streamed tensor by tensor",
         _merge_arguments,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -403,6 +404,7 @@ def _sample(
             _check_counts(sampler, samples, call, config.num_samples)
             completions[alpha].extend(samples)
             bar.update(len(call))
+        _reshard(model)
         timings["sample_s"] += time.perf_counter() - tick
 
     modes = {module: module.training for module in model.modules()}
@@ -486,6 +488,22 @@ def _gather(
             raise RuntimeError(f"gathered problem indices are not 0..{len(results) - 1}: {indices}")
         merged[alpha] = _Graded(results, sum(g.timed_out for g in everyone))
     return merged
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put FSDP2 modules back into their sharded state after generating.
+
+    A root `fully_shard` module keeps its parameters gathered after a forward (it expects a
+    backward); interpolating then would change the shards while later forwards still used the
+    stale gathered copies, and the named tensors would not match the shard-local snapshot.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp_module):
+            module.reshard()
 
 
 def _rng_devices(model: torch.nn.Module) -> list[torch.device]:

@@ -20,15 +20,20 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import importlib
 import math
-import multiprocessing
 import os
 import pickle
 import re
+import runpy
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
+import types
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,10 +291,51 @@ def _warm_up() -> None:
         math_verify_match("\\boxed{1}", "1")
 
 
-def _worker_loop(conn: Connection) -> None:
-    """A worker: receive (pickled grader or None, [(index, completion, reference), ...]) chunks,
-    answer (index, answer, correct, error) per item; None or a closed pipe ends it."""
+def _main_reference() -> tuple[str, str] | None:
+    """How a worker can load this process's __main__ (where a grader may be defined)."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name:
+        return ("name", spec_name)
+    path = getattr(main, "__file__", None)
+    return ("path", os.path.abspath(path)) if path else None
+
+
+def _load_main(reference: tuple[str, str] | None) -> None:
+    """Load the parent's main module as __mp_main__ and alias it as __main__ (what spawn does),
+    so graders pickled as `__main__.name` resolve; its `if __name__ == "__main__":` block does
+    not run."""
+    global _main_loaded
+    if reference is None or _main_loaded:
+        return
+    kind, value = reference
+    if kind == "name":
+        module = importlib.import_module(value)
+    else:
+        module = types.ModuleType("__mp_main__")
+        module.__dict__.update(runpy.run_path(value, run_name="__mp_main__"))
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    _main_loaded = True
+
+
+_main_loaded = False  # in a worker: whether the parent's main module is loaded
+
+
+def _load_grader(blob: bytes, sys_path: list[str], main: tuple[str, str] | None) -> Any:
+    for entry in reversed(sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    if b"__main__" in blob:
+        _load_main(main)
+    return pickle.loads(blob)
+
+
+def _worker_main(fd: int) -> None:
+    """A worker process (a fresh interpreter): receive (grader setup or None,
+    [(index, completion, reference), ...]) chunks and answer (index, answer, correct, error)
+    per item; None or a closed socket ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    conn = Connection(fd)
     _warm_up()
     conn.send("ready")
     grader: Any = None
@@ -300,13 +346,13 @@ def _worker_loop(conn: Connection) -> None:
             return
         if message is None:
             return
-        blob, items = message
+        setup, items = message
         error = None
-        if blob is not None:
+        if setup is not None:
             try:
-                grader = pickle.loads(blob)
+                grader = _load_grader(*setup)
             except Exception:
-                error = "the grader could not be unpickled in a worker:\n" + traceback.format_exc()
+                error = "the grader could not be loaded in a worker:\n" + traceback.format_exc()
         for index, completion, reference in items:
             if error is not None:
                 conn.send((index, None, False, error))
@@ -320,52 +366,54 @@ def _worker_loop(conn: Connection) -> None:
                 conn.send((index, None, False, traceback.format_exc()))
 
 
-class _Worker:
-    """One worker process, its pipe, the grader it holds and the chunk it is working on."""
+_WORKER_COMMAND = (
+    "import sys; from wise_callback.grading import _worker_main; _worker_main(int(sys.argv[1]))"
+)
 
-    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
-        parent, child = context.Pipe(duplex=True)
-        self.process = context.Process(  # type: ignore[attr-defined]
-            target=_worker_loop, args=(child,), daemon=True, name="wise-callback-grader"
-        )
-        self.process.start()
-        child.close()
-        self.conn = parent
+
+class _Worker:
+    """One worker process, its socket, the grader it holds and the chunk it is working on.
+
+    A worker is a fresh interpreter started with subprocess (fork + immediate exec: safe in a
+    process that already runs torch, gloo or vLLM threads, unlike a plain fork) that imports only
+    this module and math-verify, not the parent's __main__ (loaded only for a grader that lives
+    there)."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self.conn = Connection(ours.detach())
         self.ready = False
         self.started = time.monotonic()  # of the item now running (or of the start-up)
         self.grader_blob: bytes | None = None
         self.items: deque[int] = deque()
 
     def send(self, blob: bytes, items: list[tuple[int, str, str]]) -> None:
-        self.conn.send((None if blob == self.grader_blob else blob, items))
+        setup = None if blob == self.grader_blob else (blob, list(sys.path), _main_reference())
+        self.conn.send((setup, items))
         self.grader_blob = blob
         self.items = deque(index for index, _, _ in items)
         self.started = time.monotonic()
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.join()
+        self.process.wait()
         self.conn.close()
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.send(None)
-        self.process.join(timeout=1.0)
-        if self.process.is_alive():
+        try:
+            self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.join()
+            self.process.wait()
         self.conn.close()
-
-
-def _default_context() -> multiprocessing.context.BaseContext:
-    """forkserver where available (workers fork from a clean single-threaded server with the
-    grading modules preloaded: safe in a process that already runs torch, gloo or vLLM threads),
-    else spawn. Never plain fork."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["wise_callback.grading", "math_verify"])
-        return context
-    return multiprocessing.get_context("spawn")
 
 
 class _Pool:
@@ -373,11 +421,10 @@ class _Pool:
 
     def __init__(self, size: int) -> None:
         self.pid = os.getpid()
-        self.context = _default_context()
-        self.workers = [_Worker(self.context) for _ in range(size)]
+        self.workers = [_Worker() for _ in range(size)]
 
     def _replace(self, worker: _Worker) -> _Worker:
-        fresh = _Worker(self.context)
+        fresh = _Worker()
         self.workers[self.workers.index(worker)] = fresh
         return fresh
 
@@ -433,7 +480,7 @@ class _Pool:
                     if not worker.ready:
                         raise RuntimeError(
                             f"a grading worker died while starting (exit code "
-                            f"{worker.process.exitcode})"
+                            f"{worker.process.wait()}); its error is on stderr"
                         ) from None
                     give_up_on(worker)
                     continue
@@ -509,11 +556,12 @@ def grade_many(
 
     In the pool, each item has a hard timeout of `timeout_s` seconds from the moment its worker
     starts it; an item over it is a Verdict(None, False), counted in `timed_out`, and its worker is
-    killed and replaced (so is a worker that dies). The pool is started on first use (forkserver,
-    or spawn: never fork in a process that may already run threads), kept for later calls,
-    resized when `workers` changes, and stopped at interpreter exit or by `shutdown_workers()`.
-    Calls from several threads are serialised. As with any spawn/forkserver pool, a script that
-    calls this must guard its entry point with `if __name__ == "__main__":`.
+    killed and replaced (so is a worker that dies). The pool is started on first use (fresh
+    interpreters via subprocess, never a bare fork of this possibly multi-threaded process; each
+    imports only this module and math-verify, ~1-2 s, paid once), kept for later calls, resized
+    when `workers` changes, and stopped at interpreter exit or by `shutdown_workers()`. Calls
+    from several threads are serialised. Workers load the caller's main script only for a grader
+    defined there (then its `if __name__ == "__main__":` guard matters, as with spawn).
 
     The grader must be picklable for the pool (a module-level function, or functools.partial of
     one): a lambda or nested function is refused up front with TypeError. A grader that raises

@@ -19,9 +19,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from wise_callback.weights import check_alpha, name_listing
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -86,7 +89,7 @@ class Checkpoint:
         self.pickled = False
         self.index_metadata: dict[str, Any] | None = None  # None: a single unsharded file
         self._pickled_state: dict[Path, dict[str, torch.Tensor]] = {}
-        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]
         weight_map = self._weight_map(allow_pickle)
         self.tensors: dict[str, TensorInfo] = {}
         for file_name in sorted(set(weight_map.values())):
@@ -148,14 +151,15 @@ class Checkpoint:
             layout.setdefault(info.file.name, []).append(name)
         return layout
 
-    def read(self, name: str, start: int, count: int) -> torch.Tensor:
-        """Elements [start, start + count) of tensor `name`, flat, in a buffer this checkpoint
-        reuses: valid until its next `read`. Memory stays flat and no page faults recur."""
+    def read(self, name: str, start: int, count: int, slot: int = 0) -> torch.Tensor:
+        """Elements [start, start + count) of tensor `name`, flat, in this checkpoint's reused
+        buffer number `slot` (0 or 1): valid until the next `read` into that slot. Two slots let
+        the next chunk load while the current one is processed; memory stays flat."""
         info = self.tensors[name]
         nbytes = count * info.dtype.itemsize
-        if self._buffer.numel() < nbytes:
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        raw = self._buffer[:nbytes]
+        if self._buffers[slot].numel() < nbytes:
+            self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._buffers[slot][:nbytes]
         chunk = raw.view(info.dtype)
         if self.pickled:
             return chunk.copy_(
@@ -271,19 +275,43 @@ def _write_shard(
     with open(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for name in names:
-            info = latest.tensors[name]
-            step = max(1, CHUNK_BYTES // info.dtype.itemsize)
-            for start in range(0, info.nbytes // info.dtype.itemsize, step):
-                count = min(step, info.nbytes // info.dtype.itemsize - start)
-                chunk = latest.read(name, start, count)
-                if chunk.is_floating_point():
-                    other = early.read(name, start, count).to(chunk.dtype)
-                    torch.lerp(other, chunk, alpha, out=chunk)
-                f.write(chunk.view(torch.uint8).numpy())
-                bar.update(count * info.dtype.itemsize)
+        pieces = _pieces(names, latest)
+
+        def load(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            name, start, count = pieces[i]
+            chunk = latest.read(name, start, count, slot=i % 2)
+            floating = chunk.is_floating_point()
+            return chunk, early.read(name, start, count, slot=i % 2) if floating else None
+
+        for chunk, other in _prefetched(load, len(pieces)):
+            if other is not None:
+                torch.lerp(other.to(chunk.dtype), chunk, alpha, out=chunk)
+            f.write(chunk.view(torch.uint8).numpy())
+            bar.update(chunk.numel() * chunk.element_size())
         f.flush()
         os.fsync(f.fileno())
+
+
+def _pieces(names: list[str], latest: Checkpoint) -> list[tuple[str, int, int]]:
+    """(name, first element, element count) of every CHUNK_BYTES piece, in storage order."""
+    pieces = []
+    for name in names:
+        info = latest.tensors[name]
+        numel, step = info.nbytes // info.dtype.itemsize, max(1, CHUNK_BYTES // info.dtype.itemsize)
+        pieces += [(name, start, min(step, numel - start)) for start in range(0, numel, step)]
+    return pieces
+
+
+def _prefetched(load: Callable[[int], T], count: int) -> Iterator[T]:
+    """load(0) ... load(count - 1) in order, each next one running in a thread (file reads
+    release the GIL) while the caller works on the current one."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = [reader.submit(load, 0)] if count else []
+        for i in range(count):
+            result = upcoming.pop().result()
+            if i + 1 < count:
+                upcoming.append(reader.submit(load, i + 1))
+            yield result
 
 
 def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:

@@ -439,6 +439,15 @@ def answer_diversity(answers: Sequence[Sequence[Hashable | None]]) -> AnswerDive
 # torchmetrics classes: per-problem values in "cat" states, reduced with an exact sum
 
 
+def _gathered(state: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
+    """A "cat" state as a flat float64 array: a list before syncing, one tensor after it."""
+    if isinstance(state, list):
+        if not state:
+            return np.zeros(0)
+        state = dim_zero_cat(state)
+    return state.detach().cpu().double().numpy().reshape(-1)
+
+
 class _PerProblemAtK(Metric):
     """Stores one row of per-problem values per k (flattened, float64) and averages them.
 
@@ -462,8 +471,7 @@ class _PerProblemAtK(Metric):
         self.values.append(torch.as_tensor(per_problem.reshape(-1), device=self.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        values = dim_zero_cat(self.values) if self.values else torch.zeros(0)
-        table = values.detach().cpu().double().numpy().reshape(-1, len(self.ks))
+        table = _gathered(self.values).reshape(-1, len(self.ks))
         return {
             f"{self.name}@{k}": torch.tensor(_mean(table[:, i]), dtype=torch.float64)
             for i, k in enumerate(self.ks)
@@ -524,6 +532,5 @@ class CollapseStats(Metric):
         self.num_correct.append(torch.as_tensor(c_arr, dtype=torch.float64, device=self.device))
 
     def compute(self) -> CollapseSummary:
-        n = dim_zero_cat(self.num_samples).cpu().numpy() if self.num_samples else np.zeros(0)
-        c = dim_zero_cat(self.num_correct).cpu().numpy() if self.num_correct else np.zeros(0)
+        n, c = _gathered(self.num_samples), _gathered(self.num_correct)
         return collapse_stats(n, c, self.ks, bins=self.bins)

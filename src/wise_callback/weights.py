@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 STAGING_BYTES = 64 * 2**20
-"""Upper bound on the snapshot bytes converted (device or dtype) at once while interpolating."""
+"""Size of the buffer through which a snapshot on another device or in another dtype streams."""
 
 _FORMAT_KEY = "wise_callback.snapshot"
 _FORMAT_VERSION = "1"
@@ -144,7 +144,10 @@ class Snapshot:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Snapshot:
-        """Read a file written by `save`; clear errors for a missing, truncated or foreign file."""
+        """Read a file written by `save`; clear errors for a missing, truncated or foreign file.
+
+        On CPU the tensors are pinned when an accelerator is present, like `capture` does.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"snapshot file not found: {path}")
@@ -166,6 +169,8 @@ class Snapshot:
         found = {n: [str(t.dtype), list(t.shape)] for n, t in tensors.items()}
         if found != manifest:
             raise ValueError(f"{path}: tensors do not match the snapshot's own manifest")
+        if torch.device(device).type == "cpu" and torch.accelerator.is_available():
+            tensors = {name: t.pin_memory() for name, t in tensors.items()}  # fast streaming
         step = int(metadata["step"]) if metadata["step"] else None
         return cls(tensors, step=step)
 
@@ -180,13 +185,14 @@ def interpolate_(
     """In place: theta <- (1 - alpha) * theta_early + alpha * theta, theta_early from `snapshot`.
 
     One fused `torch._foreach_lerp_` per (device, dtype) group, computed in the module's dtype.
-    A snapshot on another device or in another dtype is converted in chunks of at most
-    `STAGING_BYTES`, never copied over whole. All inputs are checked before any weight changes.
+    A snapshot on another device or in another dtype streams through a staging buffer of
+    `STAGING_BYTES` per group, never copied over whole. All inputs are checked, and the staging
+    buffers allocated, before any weight changes.
     """
     alpha = check_alpha(alpha, allow_extrapolation)
-    pairs = _pair(module, snapshot)
+    rows = [(target, early, None) for target, early in _pair(module, snapshot)]
     with torch.no_grad():
-        for targets, earlies in _staged_groups(pairs):
+        for targets, earlies, _ in _batches(rows):
             torch._foreach_lerp_(targets, earlies, 1.0 - alpha)
 
 
@@ -202,22 +208,21 @@ def alpha_sweep(
     """
     pairs = _pair(module, snapshot)
     with torch.no_grad():
-        backups = [target.clone() for target, _ in pairs]
-    latest = {id(target): backup for (target, _), backup in zip(pairs, backups, strict=True)}
+        rows = [(target, early, target.clone()) for target, early in pairs]
 
     def set_alpha(alpha: float) -> None:
         alpha = check_alpha(alpha, allow_extrapolation)
         with torch.no_grad():
-            for targets, earlies in _staged_groups(pairs):
-                for target, early in zip(targets, earlies, strict=True):
-                    torch.lerp(early, latest[id(target)], alpha, out=target)
+            for targets, earlies, backups in _batches(rows):
+                for target, early, backup in zip(targets, earlies, backups, strict=True):
+                    torch.lerp(early, backup, alpha, out=target)
 
     try:
         yield set_alpha
     finally:
         with torch.no_grad():
-            for targets, _ in _groups(pairs):
-                torch._foreach_copy_(targets, [latest[id(t)] for t in targets])
+            for members in _by_device_dtype(rows).values():
+                torch._foreach_copy_([t for t, _, _ in members], [b for _, _, b in members])
 
 
 @contextmanager
@@ -283,51 +288,65 @@ def _pair(module: torch.nn.Module, snapshot: Snapshot) -> list[tuple[torch.Tenso
     return [(tensor, snapshot.tensors[name]) for name, tensor in current.items()]
 
 
-def _groups(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Pairs grouped by the module tensor's (device, dtype), the unit of one fused call."""
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for target, early in pairs:
-        groups.setdefault((target.device, target.dtype), []).append((target, early))
-    for members in groups.values():
-        yield [t for t, _ in members], [e for _, e in members]
+Row = tuple[torch.Tensor, torch.Tensor, Any]
+"""(module tensor, snapshot tensor, backup of the module tensor or None)."""
+Batch = tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]
 
 
-def _staged_groups(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Like `_groups`, with the snapshot side on the module tensor's device and dtype.
+def _by_device_dtype(rows: list[Row]) -> dict[tuple[torch.device, torch.dtype], list[Row]]:
+    """Rows grouped by the module tensor's (device, dtype): the unit of one fused call."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row[0].device, row[0].dtype), []).append(row)
+    return groups
 
-    Tensors that already match are used as they are; the others are converted in chunks of at most
-    `STAGING_BYTES` (a single larger tensor goes alone), copied without blocking when pinned.
+
+def _batches(rows: list[Row]) -> Iterator[Batch]:
+    """Rows as column batches for fused calls, snapshot side on the module's device and dtype.
+
+    Snapshot tensors that already match are used as they are, one batch per (device, dtype). The
+    others stream through one staging buffer of `STAGING_BYTES` per (device, dtype), allocated
+    before the first batch is handed out, as flat slices that fill it (copied without blocking when
+    pinned; the same stream orders the refill after the previous batch's use). A non-contiguous
+    module tensor, which cannot be sliced flat, is converted whole.
     """
-    for targets, earlies in _groups(pairs):
-        ready = [(t, e) for t, e in zip(targets, earlies, strict=True) if _matches(t, e)]
+    groups = _by_device_dtype(rows)
+    staging = {
+        (device, dtype): torch.empty(STAGING_BYTES // dtype.itemsize, dtype=dtype, device=device)
+        for (device, dtype), members in groups.items()
+        if any(not _matches(target, early) for target, early, _ in members)
+    }
+    for key, members in groups.items():
+        ready = [row for row in members if _matches(row[0], row[1])]
         if ready:
-            yield [t for t, _ in ready], [e for _, e in ready]
-        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
-        chunk_bytes = 0
-        for target, early in zip(targets, earlies, strict=True):
+            yield _columns(ready)
+        pending: list[Row] = []
+        used = 0
+        for target, early, backup in members:
             if _matches(target, early):
                 continue
-            size = target.numel() * target.element_size()
-            if chunk and chunk_bytes + size > STAGING_BYTES:
-                yield _convert(chunk)
-                chunk, chunk_bytes = [], 0
-            chunk.append((target, early))
-            chunk_bytes += size
-        if chunk:
-            yield _convert(chunk)
+            if not target.is_contiguous():
+                yield _columns([(target, early.to(target.device, target.dtype), backup)])
+                continue
+            buffer, flat_early = staging[key], early.reshape(-1)
+            for start in range(0, target.numel(), buffer.numel()):
+                count = min(buffer.numel(), target.numel() - start)
+                if used + count > buffer.numel():
+                    yield _columns(pending)
+                    pending, used = [], 0
+                piece = buffer[used : used + count]
+                piece.copy_(flat_early[start : start + count], non_blocking=early.is_pinned())
+                part = slice(start, start + count)
+                flat_backup = None if backup is None else backup.view(-1)[part]
+                pending.append((target.view(-1)[part], piece, flat_backup))
+                used += count
+        if pending:
+            yield _columns(pending)
 
 
 def _matches(target: torch.Tensor, early: torch.Tensor) -> bool:
     return target.device == early.device and target.dtype == early.dtype
 
 
-def _convert(
-    chunk: list[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    targets = [t for t, _ in chunk]
-    earlies = [e.to(device=t.device, dtype=t.dtype, non_blocking=e.is_pinned()) for t, e in chunk]
-    return targets, earlies
+def _columns(rows: list[Row]) -> Batch:
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
