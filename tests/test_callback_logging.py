@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callback_toy import EVAL_PAIRS, ToyModule, toy_problems
 from wise_callback import WiSEFTCallback
+from wise_callback.generations import COLUMNS
 from wise_callback.sampling import HFSampler
 
 FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
@@ -333,3 +334,39 @@ def test_the_sample_table_travels_with_the_checkpoint(tokenizer):
     del state["sample_table"]  # a checkpoint of an older version
     fresh.load_state_dict(state)
     assert fresh.sample_table == []
+
+
+@pytest.mark.slow
+def test_wandb_offline_gets_the_whole_table_at_every_evaluation(tmp_path, monkeypatch):
+    """W&B overwrites a table logged under the same key; the callback logs all rows so far."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    module = ToyModule()
+    callback = WiSEFTCallback(
+        toy_problems(4),
+        module.tokenizer,
+        snapshot_at=1,
+        eval_every_n_steps=2,
+        alphas=(0.5,),
+        num_examples_to_log=2,
+        **FAST,
+    )
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="wiseft-test")
+    try:
+        trainer_for(tmp_path, [callback], max_steps=4, logger=logger).fit(module)
+    finally:
+        logger.experiment.finish()
+    tables = sorted(
+        tmp_path.glob("wandb/offline-run-*/files/media/table/wiseft/samples_*.table.json"),
+        key=lambda path: path.stat().st_mtime_ns,
+    )
+    assert len(tables) == 3  # steps 1, 2, 4
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["step", "alpha", "problem", "source", "prompt", "reference",
+                               "completion", "answer", "correct"]  # fmt: skip
+    steps = [row[0] for row in last["data"]]
+    assert steps == [1, 1, 2, 2, 2, 2, 4, 4, 4, 4]
+    assert [[row[c] for c in COLUMNS] for row in callback.sample_table] == last["data"]
