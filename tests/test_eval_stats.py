@@ -84,3 +84,20 @@ def test_standard_errors_are_not_selectable_metrics():
     assert all(not m.endswith("_se") for m in config.selectable_metrics())
     with pytest.raises(ValueError, match="time_budget_s"):
         EvalConfig(time_budget_s=0)
+
+
+def test_the_report_draws_the_standard_errors(tmp_path):
+    """The same history with and without "<metric>_se" keys gives different figures."""
+    from wise_callback.report import plot_history
+
+    rng = np.random.default_rng(3)
+    records = []
+    for step, alpha in [(5, 0.0), (10, 0.5), (10, 1.0), (20, 0.5), (20, 1.0)]:
+        results = [result(i, list(rng.random(4) < 0.5) if i % 3 else [False] * 4) for i in range(9)]
+        records.append({"step": step, "alpha": alpha, **summarize(results, (1, 2, 4))})
+    assert records[-1]["pass@4_se"] > 0
+    bare = [{k: v for k, v in r.items() if not k.endswith("_se")} for r in records]
+    with_errors = plot_history(records, tmp_path / "with.png").read_bytes()
+    without = plot_history(bare, tmp_path / "without.png").read_bytes()
+    assert with_errors != without
+    assert plot_history(bare, tmp_path / "again.png").read_bytes() == without  # deterministic

@@ -143,7 +143,9 @@ def plot_history(
     for name, record in compared:
         keys = [k for k in ks if f"pass@{k}" in record]
         values = [record[f"pass@{k}"] for k in keys]
-        over_k.plot(keys, values, "o-", label=name)
+        errors = [record.get(f"pass@{k}_se") for k in keys]
+        spread = errors if all(e is not None for e in errors) else None
+        over_k.errorbar(keys, values, yerr=spread, fmt="o-", capsize=3, label=name)
     over_k.set_xscale("log", base=2)
     over_k.set_xticks(ks, [str(k) for k in ks])
     over_k.set(xlabel="k", ylabel="pass@k", title=f"pass@k at step {final_step}")
