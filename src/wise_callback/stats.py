@@ -32,7 +32,7 @@ def standard_error(values: np.ndarray) -> float | None:
 
 
 def standard_errors(
-    num_correct: Sequence[int],
+    num_correct: Sequence[int] | np.ndarray,
     answers: Sequence[Sequence[Hashable | None]],
     correct: Sequence[Sequence[bool]],
     ks: Sequence[int],
