@@ -471,11 +471,11 @@ class _Pool:
                 for w in self.workers
                 if w.items or not w.ready
             ]
-            by_conn = {w.conn: w for w in self.workers}
+            by_conn: dict[Any, _Worker] = {w.conn: w for w in self.workers}
             for conn in wait(list(by_conn), timeout=max(0.0, min(deadlines, default=now) - now)):
                 worker = by_conn[conn]
                 try:
-                    message = conn.recv()
+                    message: Any = worker.conn.recv()
                 except (EOFError, OSError):
                     if not worker.ready:
                         raise RuntimeError(

@@ -29,7 +29,7 @@ MAX_SAMPLES_MAJORITY = 1000
 # input checks
 
 
-def _problem_label(index: tuple[int, ...]) -> str:
+def _problem_label(index: tuple[Any, ...]) -> str:
     return f"problem {index[0]}" if len(index) == 1 else f"problem {index}"
 
 
@@ -57,7 +57,7 @@ def _as_counts(name: str, values: Any) -> np.ndarray:
 def _as_ks(k: int | Sequence[int]) -> tuple[list[int], bool]:
     """(the ks as a list of positive ints, whether a single int was given)."""
     scalar = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
-    ks = [k] if scalar else list(k)  # type: ignore[arg-type]
+    ks: list[Any] = [k] if scalar else list(k)  # type: ignore[arg-type]
     if not ks:
         raise ValueError("k is an empty sequence: give at least one k")
     for value in ks:
@@ -286,8 +286,9 @@ def best_at_k(
     ks_array = np.array(ks, dtype=np.float64)
     out = np.zeros((len(scores), len(ks)))
     tables: dict[int, np.ndarray] = {}
-    for i, (s, v) in enumerate(zip(scores, correct, strict=True)):
-        s, v = np.asarray(s, dtype=np.float64).reshape(-1), np.asarray(v).reshape(-1)
+    for i, (row_scores, row_correct) in enumerate(zip(scores, correct, strict=True)):
+        s = np.asarray(row_scores, dtype=np.float64).reshape(-1)
+        v = np.asarray(row_correct).reshape(-1)
         if len(s) != len(v):
             raise ValueError(f"problem {i}: {len(s)} scores but {len(v)} verdicts")
         if np.isnan(s).any():
@@ -460,6 +461,7 @@ class _PerProblemAtK(Metric):
     is_differentiable = False
     higher_is_better = True
     name = ""
+    values: list[torch.Tensor]
 
     def __init__(self, ks: int | Sequence[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -516,6 +518,8 @@ class CollapseStats(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
+    num_samples: list[torch.Tensor]
+    num_correct: list[torch.Tensor]
 
     def __init__(self, ks: Sequence[int], *, bins: int = 10, **kwargs: Any) -> None:
         super().__init__(**kwargs)
