@@ -43,6 +43,20 @@ from typing import Any, NamedTuple, Protocol
 
 from tqdm.auto import tqdm
 
+__all__ = [
+    "GradeResult",
+    "Grader",
+    "GradingError",
+    "Verdict",
+    "exact_match",
+    "extract_answer",
+    "grade_many",
+    "math_verify_match",
+    "normalize_answer",
+    "numeric_match",
+    "shutdown_workers",
+]
+
 MAX_ANSWER_CHARS = 1_000
 """An extracted answer longer than this is not an answer (a runaway generation)."""
 
@@ -450,11 +464,13 @@ class _Pool:
         timed_out = 0
 
         def give_up_on(worker: _Worker) -> None:
-            """The worker's current item did not finish: mark it, requeue the rest, replace it."""
+            """The worker's current item (if any: an idle worker can die too) did not finish:
+            mark it, requeue the rest of its chunk, replace the worker."""
             nonlocal timed_out
-            verdicts[worker.items.popleft()] = Verdict(None, False)
-            timed_out += 1
-            bar.update(1)
+            if worker.items:
+                verdicts[worker.items.popleft()] = Verdict(None, False)
+                timed_out += 1
+                bar.update(1)
             if worker.items:
                 todo.appendleft(list(worker.items))
             worker.kill()

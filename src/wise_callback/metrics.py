@@ -21,6 +21,20 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+__all__ = [
+    "AnswerDiversity",
+    "BestAtK",
+    "CollapseStats",
+    "CollapseSummary",
+    "MajorityAtK",
+    "PassAtK",
+    "answer_diversity",
+    "best_at_k",
+    "collapse_stats",
+    "majority_at_k",
+    "pass_at_k",
+]
+
 MAX_SAMPLES_MAJORITY = 1000
 """Maj@k counts subsets in float64; C(1000, 500) ~ 1e299 is the largest that fits."""
 
