@@ -52,7 +52,8 @@ class EvalConfig:
     """How to evaluate: samples per problem, the k values, sampling and grading settings.
 
     `ks` defaults to the powers of two up to `num_samples`, plus `num_samples` itself.
-    `sampling.seed` (default 0) is the base of the per-problem seeds.
+    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: how many
+    problems go into one `sampler.sample` call (None: all of a rank's problems at once).
     """
 
     num_samples: int = 16
@@ -60,7 +61,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
-    problems_per_call: int = 1
+    problems_per_call: int | None = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int):
@@ -89,8 +90,9 @@ class EvalConfig:
             )
         if self.grade_workers is not None and self.grade_workers < 0:
             raise ValueError(f"grade_workers must be None or >= 0, got {self.grade_workers}")
-        if isinstance(self.problems_per_call, bool) or self.problems_per_call < 1:
-            raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
+        per_call = self.problems_per_call
+        if per_call is not None and (isinstance(per_call, bool) or per_call < 1):
+            raise ValueError(f"problems_per_call must be None or >= 1, got {per_call}")
 
     @property
     def max_k(self) -> int:
@@ -325,8 +327,9 @@ def _sample(
     """This rank's completions for every alpha: 1.0 first as it is, the others in one sweep."""
     # the same number of sampler calls on every rank (empty ones included): sharded (FSDP2)
     # generation is collective and needs every rank in every forward
-    per_call = config.problems_per_call
-    num_calls = math.ceil(math.ceil(len(problems) / world_size) / per_call)
+    share = math.ceil(len(problems) / world_size)
+    per_call = config.problems_per_call or share
+    num_calls = math.ceil(share / per_call)
     calls = [local[i * per_call : (i + 1) * per_call] for i in range(num_calls)]
     sampling = replace(config.sampling, seed=evaluation_seed(config.sampling.seed, step))
     completions: dict[float, list[list[Completion]]] = {}
