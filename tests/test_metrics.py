@@ -296,6 +296,11 @@ def test_metric_classes_accumulate_batches_like_the_functions():
             best_at_k(scores, correct, ks)[:, i].mean()
         )
     assert stats.compute().scalars() == collapse_stats(n, c, ks).scalars()
+    fresh = MajorityAtK(ks)  # forward(): this batch's value, while accumulating
+    batch = fresh(answers[:4], correct[:4])
+    assert batch["maj@2"].item() == pytest.approx(majority_at_k(answers[:4], correct[:4], 2).mean())
+    fresh(answers[4:], correct[4:])
+    assert fresh.compute() == majority.compute()
     assert passes.compute()["pass@1"].dtype == torch.float64
     stats.reset()
     with (
