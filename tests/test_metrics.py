@@ -165,6 +165,8 @@ def test_majority_at_k_rejects_inconsistent_verdicts_and_bad_k():
         majority_at_k([["a", "b"]], [[True]], 1)
     with pytest.raises(ValueError, match="positive int"):
         majority_at_k([["a"]], [[True]], [0])
+    with pytest.raises(ValueError, match="problem 0: n=1001 > 1000 samples is unsupported"):
+        majority_at_k([["a"] * 1001], [[True] * 1001], 1)
     with pytest.raises(TypeError, match="not hashable"):
         majority_at_k([[["a"]]], [[True]], 1)
 

@@ -10,6 +10,7 @@ the order of the problems, so a run split over processes gives bit-identical num
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -132,8 +133,10 @@ def pass_at_k(n: Any, c: Any, k: Any) -> np.ndarray:
 def _binomials(size: int) -> np.ndarray:
     """C[m, x] = C(m, x) as float64 (exactly rounded) for 0 <= m, x <= size."""
     table = np.zeros((size + 1, size + 1))
+    row = [1]  # Pascal's triangle in exact Python ints, rounded once per entry
     for m in range(size + 1):
-        table[m, : m + 1] = [float(math.comb(m, x)) for x in range(m + 1)]
+        table[m, : m + 1] = [float(x) for x in row]
+        row = [1, *(a + b for a, b in itertools.pairwise(row)), 1]
     table.setflags(write=False)
     return table
 
