@@ -44,8 +44,13 @@ MAX_SAMPLES_MAJORITY = 1000
 # input checks
 
 
-def _problem_label(index: tuple[Any, ...]) -> str:
-    return f"problem {index[0]}" if len(index) == 1 else f"problem {index}"
+def _first(bad: np.ndarray) -> tuple[tuple[int, ...], str]:
+    """Index of the first True in `bad`, and a label for messages: "problem 3" (1-D),
+    "problem (2, 1)" (n-D) or "" (a scalar)."""
+    if bad.ndim == 0:
+        return (), ""
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+    return index, f"problem {index[0]}" if len(index) == 1 else f"problem {index}"
 
 
 def _as_counts(name: str, values: Any) -> np.ndarray:
@@ -58,13 +63,13 @@ def _as_counts(name: str, values: Any) -> np.ndarray:
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
         if bad.any():
-            index = np.unravel_index(int(np.argmax(bad)), bad.shape) if array.ndim else ()
-            where = f" ({_problem_label(index)})" if index else ""
+            index, label = _first(bad)
+            where = f" ({label})" if label else ""
             raise ValueError(f"{name} must be whole numbers, got {array[index].item()!r}{where}")
     array = array.astype(np.int64)
     if (array < 0).any():
-        index = np.unravel_index(int(np.argmax(array < 0)), array.shape) if array.ndim else ()
-        where = f" ({_problem_label(index)})" if index else ""
+        index, label = _first(array < 0)
+        where = f" ({label})" if label else ""
         raise ValueError(f"{name} must be >= 0, got {array[index].item()}{where}")
     return array
 
@@ -113,8 +118,8 @@ def pass_at_k(n: Any, c: Any, k: Any) -> np.ndarray:
         (k > n, "k={k} exceeds n={n} samples (Pass@k needs at least k samples)"),
     ):
         if bad.any():
-            index = np.unravel_index(int(np.argmax(bad)), bad.shape) if bad.ndim else ()
-            where = f"{_problem_label(index)}: " if index else ""
+            index, label = _first(bad)
+            where = f"{label}: " if label else ""
             raise ValueError(where + message.format(n=n[index], c=c[index], k=k[index]))
     out = np.empty(n.shape, dtype=np.float64)
     for size in np.unique(n):
