@@ -104,6 +104,7 @@ def test_numeric_match_tolerance_and_canonical_keys():
     loose = functools.partial(numeric_match, tolerance=1e-3)
     assert loose("\\boxed{3.1416}", "3.14159").correct
     assert numeric_match("\\boxed{x+1}", "2") == Verdict("x+1", False)
+    assert numeric_match("\\boxed{1e999/3}", "1e999").answer.startswith("1000")
     with pytest.raises(ValueError, match="reference 'abc' is not a number"):
         numeric_match("\\boxed{1}", "abc")
 

@@ -211,7 +211,10 @@ def _number_key(value: Fraction) -> str:
     """One key per number for voting: "42", "-0.5", "0.3333333333333333"."""
     if value.denominator == 1:
         return str(value.numerator)
-    return repr(float(value))
+    try:
+        return repr(float(value))
+    except OverflowError:  # beyond float range: keep it exact
+        return str(value)
 
 
 def exact_match(completion: str, reference: str) -> Verdict:
