@@ -295,9 +295,11 @@ def test_nonfinite_snapshot_values_are_refused_even_after_a_check(net):
     interpolate_(net, snapshot, 1.0)  # checks the snapshot once and remembers it
     snapshot.tensors["first.bias"][2] = math.nan  # in-place change after that check
     snapshot.tensors["frozen"][0, 0] = -math.inf
+    snapshot.tensors["second.bias"] = torch.full((6,), math.nan)  # replaced after that check
     with pytest.raises(ValueError, match="non-finite") as info:
         interpolate_(net, snapshot, 0.5)
-    assert "first.bias" in str(info.value) and "frozen" in str(info.value)
+    for name in ("first.bias", "frozen", "second.bias"):
+        assert name in str(info.value)
     assert "second.weight" not in str(info.value)
     with pytest.raises(ValueError, match="non-finite"), alpha_sweep(net, snapshot):
         pass

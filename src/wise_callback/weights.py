@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,18 +56,18 @@ def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@dataclass
+@dataclass(eq=False)
 class Snapshot:
     """A copy of a module's floating-point parameters and buffers, keyed by name.
 
-    Under FSDP2 `tensors` holds this rank's local shards. `step` is the training step it was
-    taken at, if known.
+    Under FSDP2 `tensors` holds this rank's local shards (each rank saves and loads its own
+    file). `step` is the training step it was taken at, if known.
     """
 
     tensors: dict[str, torch.Tensor]
     step: int | None = None
-    _finite_versions: dict[str, tuple[int, int]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
+    _checked: dict[str, tuple[weakref.ref[torch.Tensor], int]] = field(
+        default_factory=dict, init=False, repr=False
     )
 
     @classmethod
@@ -105,18 +106,18 @@ class Snapshot:
     def check_finite(self) -> None:
         """Raise ValueError naming the tensors that hold NaN or infinity.
 
-        A tensor is re-checked only when it changed since its last check (identity and version
-        counter), so repeated interpolations do not pay for a full pass over the snapshot.
+        A tensor is re-checked only when it was replaced or changed in place since its last check
+        (identity and version counter), so repeated interpolations skip a pass over the snapshot.
         """
         bad = []
         for name, tensor in self.tensors.items():
-            key = (id(tensor), tensor._version)
-            if self._finite_versions.get(name) == key:
+            ref, version = self._checked.get(name, (None, -1))
+            if ref is not None and ref() is tensor and version == tensor._version:
                 continue
             if not bool(torch.isfinite(tensor).all()):
                 bad.append(name)
             else:
-                self._finite_versions[name] = key
+                self._checked[name] = (weakref.ref(tensor), tensor._version)
         if bad:
             raise ValueError(f"snapshot has non-finite values (NaN or inf) in: {name_listing(bad)}")
 
