@@ -383,6 +383,15 @@ def _worker_main(fd: int) -> None:
                 conn.send((index, None, False, traceback.format_exc()))
 
 
+def _worker_env() -> dict[str, str]:
+    """This environment, with the folder that holds this package first on PYTHONPATH, so a
+    worker imports this very wise_callback even when it is not installed."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
 _WORKER_COMMAND = (
     "import sys; from wise_callback.grading import _worker_main; _worker_main(int(sys.argv[1]))"
 )
@@ -403,6 +412,7 @@ class _Worker:
                 [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=_worker_env(),
             )
         self.conn = Connection(ours.detach())
         self.ready = False
