@@ -201,6 +201,9 @@ def test_alpha_sweep_any_order_then_exact_restore(net):
             atol=1e-6,
         )
     assert_state_equal(net, latest)
+    with pytest.raises(RuntimeError, match="after its alpha_sweep block"):
+        set_alpha(0.5)
+    assert_state_equal(net, latest)
 
 
 def test_alpha_sweep_restores_after_exception(net):

@@ -205,13 +205,17 @@ def alpha_sweep(
 
     Yields `set_alpha(alpha)`, which puts theta(alpha) into the module (any alphas, any order, one
     pass over the weights each). On exit, also when the body raises, the weights the module held
-    on entry are back bit for bit.
+    on entry are back bit for bit. The backup sits beside the weights (same device and dtype): the
+    extra memory is one copy of the module's floating-point weights.
     """
     pairs = _pair(module, snapshot)
     with torch.no_grad():
         rows = [(target, early, target.clone()) for target, early in pairs]
+    active = True
 
     def set_alpha(alpha: float) -> None:
+        if not active:
+            raise RuntimeError("set_alpha was called after its alpha_sweep block ended")
         alpha = check_alpha(alpha, allow_extrapolation)
         with torch.no_grad():
             for targets, earlies, backups in _batches(rows):
@@ -221,6 +225,7 @@ def alpha_sweep(
     try:
         yield set_alpha
     finally:
+        active = False
         with torch.no_grad():
             for members in _by_device_dtype(rows).values():
                 torch._foreach_copy_([t for t, _, _ in members], [b for _, _, b in members])
