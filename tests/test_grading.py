@@ -309,3 +309,32 @@ def test_grader_defined_in_a_script_main_runs_in_workers(tmp_path):
     assert before.count("imported as __main__") == 1
     assert "__mp_main__" not in before
     assert after.count("imported as __mp_main__") == 1
+
+
+def grade_on_rank(rank: int, init_file: str) -> None:
+    """One rank of a gloo group with torch threads running: grade, with a hung item, then
+    agree on the counts over the group."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(2)
+        torch.randn(256, 256) @ torch.randn(256, 256)  # intra-op threads now exist
+        completions = ["\\boxed{9^{9^{9^{9^9}}}}", f"\\boxed{{{rank}}}", "#### 5"]
+        verdicts, timed_out = grade_many(
+            math_verify_match, completions, [str(rank)] * 3, timeout_s=2, workers=1
+        )
+        counts = torch.tensor([timed_out, sum(v.correct for v in verdicts)])
+        dist.all_reduce(counts)
+        assert counts.tolist() == [2, 2], counts
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_grade_many_on_every_rank_of_a_gloo_group(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(grade_on_rank, args=(str(tmp_path / "init"),), nprocs=2)
