@@ -274,3 +274,39 @@ def test_bf16_mixed_and_a_fixed_alpha(tmp_path):
         (2, 0.0), (3, 0.5), (3, 1.0), (4, 0.5), (4, 1.0),
     ]  # fmt: skip
     assert callback.chosen_alpha == 0.25
+
+
+def test_resume_finds_the_snapshot_beside_the_checkpoint(tmp_path):
+    """The checkpoint names the snapshot file; a resumed run looks beside the checkpoint it is
+    resumed from, then where the file was written, and says where it looked if both fail."""
+
+    def run(root, max_steps, ckpt_path=None):
+        module = ToyModule(batch_size=None)  # one batch per epoch, a checkpoint per epoch
+        callback = WiSEFTCallback(
+            toy_problems(2), module.tokenizer, snapshot_at=2, eval_every_n_steps=3,
+            alphas=(0.5,), final_alpha=None, **FAST,
+        )  # fmt: skip
+        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+        trainer_for(root, [callback, checkpoints], max_steps=max_steps, logger=False,
+                    enable_checkpointing=True).fit(module, ckpt_path=ckpt_path)  # fmt: skip
+        return callback
+
+    first = run(tmp_path / "first", 4)
+    written = tmp_path / "first" / "ckpt" / "wiseft-snapshot-step2.safetensors"
+    assert written.is_file()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "first" / "ckpt" / "last.ckpt").rename(moved / "last.ckpt")
+    written.rename(tmp_path / "snapshot.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"wiseft-snapshot-step2\.safetensors.*none of"):
+        run(tmp_path / "second", 7, ckpt_path=moved / "last.ckpt")
+
+    (tmp_path / "snapshot.safetensors").rename(moved / written.name)
+    resumed = run(tmp_path / "third", 7, ckpt_path=moved / "last.ckpt")
+    assert resumed.snapshot is not None and resumed.snapshot.step == 2
+    assert_same(resumed.snapshot.tensors, Snapshot.load(moved / written.name).tensors)
+    # the checkpoint (step 4, end of its epoch) predates the first run's final evaluation
+    assert resumed.history[:3] == [r for r in first.history if r["step"] < 4]
+    assert [(r["step"], r["alpha"]) for r in resumed.history[3:]] == [
+        (6, 0.5), (6, 1.0), (7, 0.5), (7, 1.0),
+    ]  # fmt: skip

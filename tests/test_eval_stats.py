@@ -101,3 +101,25 @@ def test_the_report_draws_the_standard_errors(tmp_path):
     without = plot_history(bare, tmp_path / "without.png").read_bytes()
     assert with_errors != without
     assert plot_history(bare, tmp_path / "again.png").read_bytes() == without  # deterministic
+
+
+def test_a_budget_splits_all_at_once_sampling_into_calls(tiny_model, tokenizer):
+    """problems_per_call=None (all at once, the vLLM default) would leave a budget nothing to
+    stop between: with a budget the problems go out in BUDGET_CALLS calls."""
+    from wise_callback.evaluate import BUDGET_CALLS, evaluate
+    from wise_callback.grading import exact_match
+    from wise_callback.sampling import HFSampler, SamplingConfig
+
+    problems = [{"prompt": f"{i % 10}+1=", "answer": str((i + 1) % 10)} for i in range(40)]
+    sampler = HFSampler(tiny_model, tokenizer, progress=False)
+    config = EvalConfig(
+        num_samples=2,
+        sampling=SamplingConfig(max_new_tokens=2),
+        grade_workers=0,
+        problems_per_call=None,
+        time_budget_s=1e-4,
+    )
+    evaluation = evaluate(tiny_model, None, problems, sampler, exact_match, config, progress=False)
+    record = evaluation.records()[0]
+    assert record["num_problems"] == math.ceil(40 / BUDGET_CALLS) == 3
+    assert record["num_problems_planned"] == 40

@@ -104,6 +104,7 @@ def test_numeric_match_tolerance_and_canonical_keys():
     loose = functools.partial(numeric_match, tolerance=1e-3)
     assert loose("\\boxed{3.1416}", "3.14159").correct
     assert numeric_match("\\boxed{x+1}", "2") == Verdict("x+1", False)
+    assert numeric_match("\\boxed{1e999/3}", "1e999").answer.startswith("1000")
     with pytest.raises(ValueError, match="reference 'abc' is not a number"):
         numeric_match("\\boxed{1}", "abc")
 
@@ -282,6 +283,9 @@ def shout(completion, reference):
 
 print("imported as", __name__, file=sys.stderr)
 if __name__ == "__main__":
+    from wise_callback.grading import numeric_match
+    assert grade_many(numeric_match, ["#### 3"], ["3"], workers=1).verdicts[0].correct
+    print("--- a grader from __main__ now", file=sys.stderr, flush=True)
     verdicts, timed_out = grade_many(shout, ["a", "b"], ["a", "a"], workers=1)
     print([v.answer for v in verdicts], [v.correct for v in verdicts], timed_out)
 """
@@ -290,7 +294,8 @@ if __name__ == "__main__":
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_grader_defined_in_a_script_main_runs_in_workers(tmp_path):
-    """Workers load the script as __mp_main__ (its main block does not run there)."""
+    """Workers load the script as __mp_main__ (its main block does not run there), and only
+    once a grader defined in it is used: a library grader never pays for the script's imports."""
     import subprocess
     import sys
 
@@ -300,5 +305,36 @@ def test_grader_defined_in_a_script_main_runs_in_workers(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=100, check=True
     )
     assert done.stdout.strip() == "['A', 'B'] [True, False] 0"
-    assert done.stderr.count("imported as __main__") == 1
-    assert done.stderr.count("imported as __mp_main__") == 1
+    before, after = done.stderr.split("--- a grader from __main__ now")
+    assert before.count("imported as __main__") == 1
+    assert "__mp_main__" not in before
+    assert after.count("imported as __mp_main__") == 1
+
+
+def grade_on_rank(rank: int, init_file: str) -> None:
+    """One rank of a gloo group with torch threads running: grade, with a hung item, then
+    agree on the counts over the group."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(2)
+        torch.randn(256, 256) @ torch.randn(256, 256)  # intra-op threads now exist
+        completions = ["\\boxed{9^{9^{9^{9^9}}}}", f"\\boxed{{{rank}}}", "#### 5"]
+        verdicts, timed_out = grade_many(
+            math_verify_match, completions, [str(rank)] * 3, timeout_s=2, workers=1
+        )
+        counts = torch.tensor([timed_out, sum(v.correct for v in verdicts)])
+        dist.all_reduce(counts)
+        assert counts.tolist() == [2, 2], counts
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_grade_many_on_every_rank_of_a_gloo_group(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(grade_on_rank, args=(str(tmp_path / "init"),), nprocs=2)

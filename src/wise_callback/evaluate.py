@@ -44,6 +44,9 @@ from wise_callback.weights import Snapshot, alpha_sweep, check_alpha
 CURRENT = 1.0
 """alpha = 1.0 is the current (latest) weights, evaluated without touching them."""
 
+BUDGET_CALLS = 16
+"""With a time budget and `problems_per_call=None`, a rank's problems go out in this many calls."""
+
 HIGHER_IS_BETTER = ("pass@", "maj@", "jensen_bound@", "mean_rho")
 """Prefixes of the metrics that can select the merge alpha (larger is better for all of them)."""
 
@@ -53,7 +56,10 @@ class EvalConfig:
     """How to evaluate: samples per problem, the k values, sampling and grading settings.
 
     `ks` defaults to the powers of two up to `num_samples`, plus `num_samples` itself.
-    `sampling.seed` (default 0) is the base of the per-problem seeds.
+    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: how many
+    problems go into one `sampler.sample` call (None: all of a rank's problems at once, or in
+    BUDGET_CALLS calls when `time_budget_s` is set, so that the budget can stop between them).
+    `time_budget_s`: seconds of sampling per evaluation (see `evaluate`).
     """
 
     num_samples: int = 16
@@ -61,7 +67,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
-    problems_per_call: int = 1
+    problems_per_call: int | None = 1
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -91,8 +97,9 @@ class EvalConfig:
             )
         if self.grade_workers is not None and self.grade_workers < 0:
             raise ValueError(f"grade_workers must be None or >= 0, got {self.grade_workers}")
-        if isinstance(self.problems_per_call, bool) or self.problems_per_call < 1:
-            raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
+        per_call = self.problems_per_call
+        if per_call is not None and (isinstance(per_call, bool) or per_call < 1):
+            raise ValueError(f"problems_per_call must be None or >= 1, got {per_call}")
         budget = self.time_budget_s
         if budget is not None and not (
             isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)
@@ -373,8 +380,11 @@ def _sample(
     cut to the problems that every alpha covered when the time budget ran out."""
     # the same number of sampler calls on every rank (empty ones included): sharded (FSDP2)
     # generation is collective and needs every rank in every forward
-    per_call = config.problems_per_call
-    num_calls = math.ceil(math.ceil(len(problems) / world_size) / per_call)
+    share = math.ceil(len(problems) / world_size)
+    per_call = config.problems_per_call or (
+        math.ceil(share / BUDGET_CALLS) if config.time_budget_s else share
+    )
+    num_calls = math.ceil(share / per_call)
     calls = [local[i * per_call : (i + 1) * per_call] for i in range(num_calls)]
     sampling = replace(config.sampling, seed=evaluation_seed(config.sampling.seed, step))
     completions: dict[float, list[list[Completion]]] = {}

@@ -43,6 +43,20 @@ from typing import Any, NamedTuple, Protocol
 
 from tqdm.auto import tqdm
 
+__all__ = [
+    "GradeResult",
+    "Grader",
+    "GradingError",
+    "Verdict",
+    "exact_match",
+    "extract_answer",
+    "grade_many",
+    "math_verify_match",
+    "normalize_answer",
+    "numeric_match",
+    "shutdown_workers",
+]
+
 MAX_ANSWER_CHARS = 1_000
 """An extracted answer longer than this is not an answer (a runaway generation)."""
 
@@ -197,7 +211,10 @@ def _number_key(value: Fraction) -> str:
     """One key per number for voting: "42", "-0.5", "0.3333333333333333"."""
     if value.denominator == 1:
         return str(value.numerator)
-    return repr(float(value))
+    try:
+        return repr(float(value))
+    except OverflowError:  # beyond float range: keep it exact
+        return str(value)
 
 
 def exact_match(completion: str, reference: str) -> Verdict:
@@ -366,6 +383,15 @@ def _worker_main(fd: int) -> None:
                 conn.send((index, None, False, traceback.format_exc()))
 
 
+def _worker_env() -> dict[str, str]:
+    """This environment, with the folder that holds this package first on PYTHONPATH, so a
+    worker imports this very wise_callback even when it is not installed."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
 _WORKER_COMMAND = (
     "import sys; from wise_callback.grading import _worker_main; _worker_main(int(sys.argv[1]))"
 )
@@ -386,6 +412,7 @@ class _Worker:
                 [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=_worker_env(),
             )
         self.conn = Connection(ours.detach())
         self.ready = False
@@ -450,11 +477,13 @@ class _Pool:
         timed_out = 0
 
         def give_up_on(worker: _Worker) -> None:
-            """The worker's current item did not finish: mark it, requeue the rest, replace it."""
+            """The worker's current item (if any: an idle worker can die too) did not finish:
+            mark it, requeue the rest of its chunk, replace the worker."""
             nonlocal timed_out
-            verdicts[worker.items.popleft()] = Verdict(None, False)
-            timed_out += 1
-            bar.update(1)
+            if worker.items:
+                verdicts[worker.items.popleft()] = Verdict(None, False)
+                timed_out += 1
+                bar.update(1)
             if worker.items:
                 todo.appendleft(list(worker.items))
             worker.kill()
@@ -471,11 +500,11 @@ class _Pool:
                 for w in self.workers
                 if w.items or not w.ready
             ]
-            by_conn = {w.conn: w for w in self.workers}
+            by_conn: dict[Any, _Worker] = {w.conn: w for w in self.workers}
             for conn in wait(list(by_conn), timeout=max(0.0, min(deadlines, default=now) - now)):
                 worker = by_conn[conn]
                 try:
-                    message = conn.recv()
+                    message: Any = worker.conn.recv()
                 except (EOFError, OSError):
                     if not worker.ready:
                         raise RuntimeError(

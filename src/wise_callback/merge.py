@@ -78,7 +78,7 @@ class TensorInfo:
 class Checkpoint:
     """The weights of one checkpoint folder: which file holds each tensor, with dtype and shape.
 
-    Reads headers only when constructed; `read(name)` then loads one tensor at a time with a
+    Reads headers only when constructed; `read` then loads a piece of one tensor at a time with a
     positioned read (no memory map, so pages of the inputs never pile up in RSS).
     """
 
@@ -167,7 +167,7 @@ class Checkpoint:
             )
         with open(info.file, "rb") as f:
             f.seek(info.start + start * info.dtype.itemsize)
-            if f.readinto(raw.numpy()) != nbytes:
+            if f.readinto(raw.numpy()) != nbytes:  # type: ignore[arg-type]  # ndarray is a buffer
                 raise ValueError(f"{info.file} ended early while reading {name}; truncated?")
         return chunk
 
@@ -286,7 +286,7 @@ def _write_shard(
         for chunk, other in _prefetched(load, len(pieces)):
             if other is not None:
                 torch.lerp(other.to(chunk.dtype), chunk, alpha, out=chunk)
-            f.write(chunk.view(torch.uint8).numpy())
+            f.write(chunk.view(torch.uint8).numpy())  # type: ignore[arg-type]
             bar.update(chunk.numel() * chunk.element_size())
         f.flush()
         os.fsync(f.fileno())

@@ -10,6 +10,7 @@ the order of the problems, so a run split over processes gives bit-identical num
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,20 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+__all__ = [
+    "AnswerDiversity",
+    "BestAtK",
+    "CollapseStats",
+    "CollapseSummary",
+    "MajorityAtK",
+    "PassAtK",
+    "answer_diversity",
+    "best_at_k",
+    "collapse_stats",
+    "majority_at_k",
+    "pass_at_k",
+]
+
 MAX_SAMPLES_MAJORITY = 1000
 """Maj@k counts subsets in float64; C(1000, 500) ~ 1e299 is the largest that fits."""
 
@@ -29,8 +44,13 @@ MAX_SAMPLES_MAJORITY = 1000
 # input checks
 
 
-def _problem_label(index: tuple[int, ...]) -> str:
-    return f"problem {index[0]}" if len(index) == 1 else f"problem {index}"
+def _first(bad: np.ndarray) -> tuple[tuple[int, ...], str]:
+    """Index of the first True in `bad`, and a label for messages: "problem 3" (1-D),
+    "problem (2, 1)" (n-D) or "" (a scalar)."""
+    if bad.ndim == 0:
+        return (), ""
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+    return index, f"problem {index[0]}" if len(index) == 1 else f"problem {index}"
 
 
 def _as_counts(name: str, values: Any) -> np.ndarray:
@@ -43,13 +63,13 @@ def _as_counts(name: str, values: Any) -> np.ndarray:
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
         if bad.any():
-            index = np.unravel_index(int(np.argmax(bad)), bad.shape) if array.ndim else ()
-            where = f" ({_problem_label(index)})" if index else ""
+            index, label = _first(bad)
+            where = f" ({label})" if label else ""
             raise ValueError(f"{name} must be whole numbers, got {array[index].item()!r}{where}")
     array = array.astype(np.int64)
     if (array < 0).any():
-        index = np.unravel_index(int(np.argmax(array < 0)), array.shape) if array.ndim else ()
-        where = f" ({_problem_label(index)})" if index else ""
+        index, label = _first(array < 0)
+        where = f" ({label})" if label else ""
         raise ValueError(f"{name} must be >= 0, got {array[index].item()}{where}")
     return array
 
@@ -57,7 +77,7 @@ def _as_counts(name: str, values: Any) -> np.ndarray:
 def _as_ks(k: int | Sequence[int]) -> tuple[list[int], bool]:
     """(the ks as a list of positive ints, whether a single int was given)."""
     scalar = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
-    ks = [k] if scalar else list(k)  # type: ignore[arg-type]
+    ks: list[Any] = [k] if scalar else list(k)  # type: ignore[arg-type]
     if not ks:
         raise ValueError("k is an empty sequence: give at least one k")
     for value in ks:
@@ -98,8 +118,8 @@ def pass_at_k(n: Any, c: Any, k: Any) -> np.ndarray:
         (k > n, "k={k} exceeds n={n} samples (Pass@k needs at least k samples)"),
     ):
         if bad.any():
-            index = np.unravel_index(int(np.argmax(bad)), bad.shape) if bad.ndim else ()
-            where = f"{_problem_label(index)}: " if index else ""
+            index, label = _first(bad)
+            where = f"{label}: " if label else ""
             raise ValueError(where + message.format(n=n[index], c=c[index], k=k[index]))
     out = np.empty(n.shape, dtype=np.float64)
     for size in np.unique(n):
@@ -118,8 +138,10 @@ def pass_at_k(n: Any, c: Any, k: Any) -> np.ndarray:
 def _binomials(size: int) -> np.ndarray:
     """C[m, x] = C(m, x) as float64 (exactly rounded) for 0 <= m, x <= size."""
     table = np.zeros((size + 1, size + 1))
+    row = [1]  # Pascal's triangle in exact Python ints, rounded once per entry
     for m in range(size + 1):
-        table[m, : m + 1] = [float(math.comb(m, x)) for x in range(m + 1)]
+        table[m, : m + 1] = [float(x) for x in row]
+        row = [1, *(a + b for a, b in itertools.pairwise(row)), 1]
     table.setflags(write=False)
     return table
 
@@ -286,8 +308,9 @@ def best_at_k(
     ks_array = np.array(ks, dtype=np.float64)
     out = np.zeros((len(scores), len(ks)))
     tables: dict[int, np.ndarray] = {}
-    for i, (s, v) in enumerate(zip(scores, correct, strict=True)):
-        s, v = np.asarray(s, dtype=np.float64).reshape(-1), np.asarray(v).reshape(-1)
+    for i, (row_scores, row_correct) in enumerate(zip(scores, correct, strict=True)):
+        s = np.asarray(row_scores, dtype=np.float64).reshape(-1)
+        v = np.asarray(row_correct).reshape(-1)
         if len(s) != len(v):
             raise ValueError(f"problem {i}: {len(s)} scores but {len(v)} verdicts")
         if np.isnan(s).any():
@@ -460,6 +483,7 @@ class _PerProblemAtK(Metric):
     is_differentiable = False
     higher_is_better = True
     name = ""
+    values: list[torch.Tensor]
 
     def __init__(self, ks: int | Sequence[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -516,6 +540,8 @@ class CollapseStats(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
+    num_samples: list[torch.Tensor]
+    num_correct: list[torch.Tensor]
 
     def __init__(self, ks: Sequence[int], *, bins: int = 10, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,18 +56,18 @@ def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@dataclass
+@dataclass(eq=False)
 class Snapshot:
     """A copy of a module's floating-point parameters and buffers, keyed by name.
 
-    Under FSDP2 `tensors` holds this rank's local shards. `step` is the training step it was
-    taken at, if known.
+    Under FSDP2 `tensors` holds this rank's local shards (each rank saves and loads its own
+    file). `step` is the training step it was taken at, if known.
     """
 
     tensors: dict[str, torch.Tensor]
     step: int | None = None
-    _finite_versions: dict[str, tuple[int, int]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
+    _checked: dict[str, tuple[weakref.ref[torch.Tensor], int]] = field(
+        default_factory=dict, init=False, repr=False
     )
 
     @classmethod
@@ -105,18 +106,18 @@ class Snapshot:
     def check_finite(self) -> None:
         """Raise ValueError naming the tensors that hold NaN or infinity.
 
-        A tensor is re-checked only when it changed since its last check (identity and version
-        counter), so repeated interpolations do not pay for a full pass over the snapshot.
+        A tensor is re-checked only when it was replaced or changed in place since its last check
+        (identity and version counter), so repeated interpolations skip a pass over the snapshot.
         """
         bad = []
         for name, tensor in self.tensors.items():
-            key = (id(tensor), tensor._version)
-            if self._finite_versions.get(name) == key:
+            ref, version = self._checked.get(name, (None, -1))
+            if ref is not None and ref() is tensor and version == tensor._version:
                 continue
             if not bool(torch.isfinite(tensor).all()):
                 bad.append(name)
             else:
-                self._finite_versions[name] = key
+                self._checked[name] = (weakref.ref(tensor), tensor._version)
         if bad:
             raise ValueError(f"snapshot has non-finite values (NaN or inf) in: {name_listing(bad)}")
 
@@ -204,13 +205,17 @@ def alpha_sweep(
 
     Yields `set_alpha(alpha)`, which puts theta(alpha) into the module (any alphas, any order, one
     pass over the weights each). On exit, also when the body raises, the weights the module held
-    on entry are back bit for bit.
+    on entry are back bit for bit. The backup sits beside the weights (same device and dtype): the
+    extra memory is one copy of the module's floating-point weights.
     """
     pairs = _pair(module, snapshot)
     with torch.no_grad():
         rows = [(target, early, target.clone()) for target, early in pairs]
+    active = True
 
     def set_alpha(alpha: float) -> None:
+        if not active:
+            raise RuntimeError("set_alpha was called after its alpha_sweep block ended")
         alpha = check_alpha(alpha, allow_extrapolation)
         with torch.no_grad():
             for targets, earlies, backups in _batches(rows):
@@ -220,6 +225,7 @@ def alpha_sweep(
     try:
         yield set_alpha
     finally:
+        active = False
         with torch.no_grad():
             for members in _by_device_dtype(rows).values():
                 torch._foreach_copy_([t for t, _, _ in members], [b for _, _, b in members])
