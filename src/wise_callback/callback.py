@@ -544,31 +544,30 @@ class WiSEFTCallback(Callback):
         }
 
     def _publish_samples(self, trainer: pl.Trainer, evaluation: Evaluation) -> None:
-        """Rank zero: the sample table to the loggers, samples.jsonl, the console, the dump;
-        and a word when the time budget cut the evaluation short."""
-        if not trainer.is_global_zero:
-            return
+        """Extend the sample table (every rank: it is part of the state); rank zero gives it to
+        the loggers, samples.jsonl, the console, writes the dump, and says when the time budget
+        cut the evaluation short."""
         step = evaluation.step
         assert step is not None
+        rows = sample_rows(evaluation, self.problems, self.examples)
+        self.sample_table = [r for r in self.sample_table if r["step"] != step] + rows
+        log_dir = self.history_path(trainer).parent  # trainer.log_dir: a collective under DDP
+        if not trainer.is_global_zero:
+            return
         covered = evaluation.results[0].metrics["num_problems"]
         if covered < len(self.problems):
             rank_zero_info(
                 f"WiSEFTCallback: eval_time_budget_s={self.config.time_budget_s} ran out at step "
                 f"{step}: {covered} of {len(self.problems)} problems covered"
             )
-        rows = sample_rows(evaluation, self.problems, self.examples)
-        self.sample_table = [r for r in self.sample_table if r["step"] != step] + rows
         if self.examples:
             log_sample_table(trainer.loggers, self.sample_table, rows, step)
-            self._write_samples(trainer)
+            write_jsonl(log_dir / "samples.jsonl", self.sample_table)
         if self.print_samples:
             rank_zero_info(format_samples(rows[: self.print_samples]))
         if self.save_generations:
-            folder = (
-                self.history_path(trainer).with_name("generations")
-                if self.save_generations is True
-                else Path(self.save_generations)
-            )
+            where = self.save_generations
+            folder = log_dir / "generations" if isinstance(where, bool) else Path(where)
             write_generations(evaluation, self.problems, folder)
 
     def _check_collapse(
@@ -629,8 +628,9 @@ class WiSEFTCallback(Callback):
 
     def _write_samples(self, trainer: pl.Trainer) -> None:
         """samples.jsonl beside history.jsonl: every row of the sample table (rank zero)."""
+        path = self.history_path(trainer).with_name("samples.jsonl")  # every rank (a collective)
         if trainer.is_global_zero and self.examples:
-            write_jsonl(self.history_path(trainer).with_name("samples.jsonl"), self.sample_table)
+            write_jsonl(path, self.sample_table)
 
     def _save_merged(self, trainer: pl.Trainer) -> None:
         """save_pretrained of the merged model + tokenizer into save_merged_to, atomically."""
