@@ -97,9 +97,13 @@ def test_max_problems_is_a_fixed_seeded_subset(tokenizer):
     other = WiSEFTCallback(sets, tokenizer, max_problems=5, seed=4)
     assert first.problems == again.problems and len(first.problems) == 5
     assert first.problems != other.problems
-    everything = [{**p, "source": source} for source in ("sums", "diffs") for p in sets[source]]
-    assert first.problems == [p for p in everything if p in first.problems]  # order kept
-    assert {p["source"] for p in WiSEFTCallback(sets, tokenizer).problems} == {"sums", "diffs"}
+    # the sets are interleaved in proportion to their sizes, each in its own order
+    together = WiSEFTCallback(sets, tokenizer).problems
+    assert [p["source"] for p in together] == ["sums", "diffs"] * 6
+    assert [p["prompt"] for p in together[::2]] == [p["prompt"] for p in sets["sums"]]
+    assert first.problems == [p for p in together if p in first.problems]  # order kept
+    uneven = WiSEFTCallback({"a": sets["sums"][:2], "b": sets["diffs"]}, tokenizer).problems
+    assert [p["source"] for p in uneven] == ["b", "a", "b", "b", "b", "a", "b", "b"]
 
 
 def test_logs_tables_dumps_sources_health_and_errors(tmp_path, caplog):
@@ -154,13 +158,10 @@ def test_logs_tables_dumps_sources_health_and_errors(tmp_path, caplog):
     assert rows == callback.sample_table
     assert sorted({r["step"] for r in rows}) == steps
     shown = {(r["problem"], r["source"]) for r in rows}
-    assert shown == {(0, "sums"), (4, "sums"), (8, "diffs")}
+    assert shown == {(0, "sums"), (1, "diffs"), (2, "sums")}  # round-robin over the sources
     for step, alpha in evaluations:
-        assert sorted(r["problem"] for r in rows if (r["step"], r["alpha"]) == (step, alpha)) == [
-            0,
-            4,
-            8,
-        ]
+        chosen = [r["problem"] for r in rows if (r["step"], r["alpha"]) == (step, alpha)]
+        assert chosen == [0, 1, 2]
     assert all(r["prompt"] == callback.problems[r["problem"]]["prompt"] for r in rows)
 
     # TensorBoard: a markdown table at every evaluation step, and the scalars
@@ -185,7 +186,7 @@ def test_logs_tables_dumps_sources_health_and_errors(tmp_path, caplog):
     assert sum(x["num_correct"] for x in mine) / 48 == pytest.approx(record["mean_rho"])
     sample = mine[0]["samples"][0]
     assert set(sample) == {"completion", "answer", "correct", "num_tokens", "finish_reason"}
-    assert mine[8]["source"] == "diffs" and all(len(x["samples"]) == 4 for x in lines)
+    assert mine[1]["source"] == "diffs" and all(len(x["samples"]) == 4 for x in lines)
     tokens = [s["num_tokens"] for x in mine for s in x["samples"]]
     assert sum(tokens) / len(tokens) == pytest.approx(record["mean_completion_tokens"])
 

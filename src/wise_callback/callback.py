@@ -258,7 +258,7 @@ class WiSEFTCallback(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self.examples = pick_examples(len(self.problems), num_examples_to_log)
+        self.examples = pick_examples([p.get("source") for p in self.problems], num_examples_to_log)
         self.print_samples = print_samples
         if not isinstance(save_generations, (bool, str, os.PathLike)):
             raise TypeError(f"save_generations must be a bool or a folder: {save_generations!r}")
@@ -719,15 +719,20 @@ class _CollapseState:
 
 def _read_problems(problems: Any) -> list[dict[str, Any]]:
     """Problems from a list/Dataset, a JSONL file path, or a mapping {source: either of those}
-    (several evaluation sets at once: each problem gets its set's name as "source")."""
+    (several evaluation sets at once: each problem gets its set's name as "source").
+
+    The sets are interleaved in proportion to their sizes, each in its own order, so that any
+    prefix (what a time budget covers) holds every set in its share."""
     if isinstance(problems, Mapping) and not {"prompt", "answer"} <= problems.keys():
         if not problems:
             raise ValueError("problems is an empty mapping: give at least one evaluation set")
-        return [
-            {**problem, "source": str(source)}
-            for source, rows in problems.items()
-            for problem in _read_problems(rows)
+        sets = [(str(source), _read_problems(rows)) for source, rows in problems.items()]
+        placed = [
+            ((index + 0.5) / len(rows), order, {**problem, "source": source})
+            for order, (source, rows) in enumerate(sets)
+            for index, problem in enumerate(rows)
         ]
+        return [problem for _, _, problem in sorted(placed, key=lambda item: item[:2])]
     if isinstance(problems, (str, os.PathLike)):
         path = Path(problems)
         if not path.is_file():

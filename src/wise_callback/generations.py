@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,16 @@ COLUMNS = (
 )
 
 
-def pick_examples(num_problems: int, count: int) -> list[int]:
-    """`count` problem indices spread evenly over the list (the first one included), so that
-    several evaluation sets given one after another all show up; the same at every evaluation."""
-    count = min(count, num_problems)
-    return sorted({i * num_problems // count for i in range(count)}) if count else []
+def pick_examples(sources: Sequence[str | None], count: int) -> list[int]:
+    """`count` problem indices, taken round-robin over the sources (the first problem of each
+    source, then the second, ...), so that every evaluation set shows up; the same at every
+    evaluation. The earliest problems first: they are the ones a time budget covers."""
+    groups: dict[str | None, list[int]] = {}
+    for index, source in enumerate(sources):
+        groups.setdefault(source, []).append(index)
+    rounds = zip_longest(*groups.values())
+    picked = [index for turn in rounds for index in turn if index is not None]
+    return sorted(picked[:count])
 
 
 def sample_rows(
