@@ -179,6 +179,9 @@ class WiSEFTCallback(Callback):
             ),
         )
         self.alphas = tuple(a for a in check_alphas(alphas) if a != CURRENT)
+        names = [f"{a:.2f}" for a in (*self.alphas, CURRENT)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"alphas {alphas} collide in the logged names alpha_{{alpha:.2f}}")
         self.select_metric = select_metric or f"pass@{self.config.max_k}"
         if self.select_metric not in self.config.selectable_metrics():
             raise ValueError(
@@ -269,6 +272,7 @@ class WiSEFTCallback(Callback):
         return tokenizer
 
     def _resolve_model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        model: Any
         if callable(self.model_attr):
             model = self.model_attr(pl_module)
             where = f"model_attr callable {self.model_attr!r}"
@@ -372,7 +376,7 @@ class WiSEFTCallback(Callback):
         last = max((r["step"] for r in self.history if r["alpha"] == CURRENT), default=None)
         if last is None:
             return None
-        candidates = [r for r in self.history if r["step"] == last and r["alpha"] != EARLY]
+        candidates = [r for r in self.history if r["step"] == last]
         best = max(candidates, key=lambda r: (r[self.select_metric], r["alpha"]))
         return float(best["alpha"])
 
@@ -461,8 +465,6 @@ class WiSEFTCallback(Callback):
             return
         self.last_evaluation = evaluation
         records = evaluation.records()
-        if alphas == (EARLY,):  # the snapshot's own evaluation: it IS theta(0)
-            records = [{**r, "alpha": EARLY} for r in records]
         self.history.extend(records)
         metrics = {
             f"wiseft/alpha_{r['alpha']:.2f}/{name}": float(value)
@@ -573,7 +575,6 @@ class WiSEFTCallback(Callback):
             "last_eval_step": self._last_eval_step,
             "snapshot_file": self._snapshot_file,
             "snapshot_saved_in": self._snapshot_saved_in,
-            "snapshot_step": self.snapshot.step if self.snapshot is not None else None,
         }
 
     @override
@@ -664,7 +665,7 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The full (unsharded) state dict of an FSDP2 model on CPU; a collective on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
