@@ -325,7 +325,11 @@ def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:
             continue
         shutil.copy2(path, tmp / path.name)
     if skipped:
-        log.info("not copied from %s: %s", latest.folder, ", ".join(skipped))
+        log.info(
+            "not copied from %s (pickles, other weights, folders): %s",
+            latest.folder,
+            ", ".join(skipped),
+        )
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
