@@ -79,6 +79,9 @@ def trainer_for(tmp_path, callbacks, **kwargs) -> pl.Trainer:
         (dict(collapse_min_drop=-0.1), "collapse_min_drop"),
         (dict(temperature=-1.0), "temperature"),
         (dict(problems="/nonexistent/problems.jsonl"), "problems file not found"),
+        (dict(snapshot_dtype="int8"), "floating-point dtype"),
+        (dict(alphas=(0.5, 0.501)), "collide"),
+        (dict(grader="wise_callback.grading.no_such_grader"), "cannot import"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(kwargs, match):
@@ -86,6 +89,15 @@ def test_bad_arguments_fail_in_the_constructor(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         WiSEFTCallback(**arguments)
+
+
+def test_model_attr_finds_the_model():
+    module = ToyModule()
+    for model_attr in ("model", lambda m: m.model):
+        callback = WiSEFTCallback(toy_problems(), model_attr=model_attr)
+        assert callback._resolve_model(module) is module.model
+    with pytest.raises(ValueError, match=r"pl_module\.backbone\.lm is NoneType, not a torch"):
+        WiSEFTCallback(toy_problems(), model_attr="backbone.lm")._resolve_model(module)
 
 
 def test_snapshot_after_the_last_step_fails_before_training(tmp_path):

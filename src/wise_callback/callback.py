@@ -104,11 +104,13 @@ class WiSEFTCallback(Callback):
         on_collapse: "warn", "stop" (warn and stop training), or a callable
             `(trainer, pl_module, info: dict) -> None`.
         fail_on_eval_error: raise when sampling or grading fails, instead of warning and going on.
-        snapshot_device, snapshot_dtype: where and in which dtype to keep the snapshot.
+        snapshot_device, snapshot_dtype: where and in which dtype to keep the snapshot (a dtype
+            or its name, e.g. "bfloat16" to halve the snapshot of an fp32 model).
         snapshot_dir: where the snapshot file goes; default the `ModelCheckpoint` folder (else the
             trainer's `default_root_dir`).
         grade_timeout_s, grade_workers: per-completion grading timeout, and grading worker
-            processes (0: grade in this process).
+            processes (`grade_many`: None runs exact/numeric matching in this process and other
+            graders in a pool with the timeout; 0: always in this process, no timeout).
         progress: show a progress bar while sampling (rank zero only).
     """
 
@@ -140,7 +142,7 @@ class WiSEFTCallback(Callback):
         on_collapse: str | Callable[..., Any] = "warn",
         fail_on_eval_error: bool = False,
         snapshot_device: str | torch.device = "cpu",
-        snapshot_dtype: torch.dtype | None = None,
+        snapshot_dtype: torch.dtype | str | None = None,
         snapshot_dir: str | os.PathLike | None = None,
         grade_timeout_s: float = 10.0,
         grade_workers: int | None = None,
@@ -221,7 +223,11 @@ class WiSEFTCallback(Callback):
         self.on_collapse = on_collapse
         self.fail_on_eval_error = bool(fail_on_eval_error)
         self.snapshot_device = torch.device(snapshot_device)
-        if snapshot_dtype is not None and not snapshot_dtype.is_floating_point:
+        if isinstance(snapshot_dtype, str):
+            snapshot_dtype = getattr(torch, snapshot_dtype.removeprefix("torch."), snapshot_dtype)
+        if snapshot_dtype is not None and not (
+            isinstance(snapshot_dtype, torch.dtype) and snapshot_dtype.is_floating_point
+        ):
             raise ValueError(f"snapshot_dtype must be a floating-point dtype, got {snapshot_dtype}")
         self.snapshot_dtype = snapshot_dtype
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
