@@ -169,6 +169,7 @@ def test_fit_snapshots_evaluates_logs_and_merges(tmp_path):
     assert (8, "wiseft/alpha_0.25/maj@4") in logged
     assert (12, "wiseft/alpha_1.00/jensen_bound@4") in logged
     assert (12, "wiseft/collapse") in logged and (12, "wiseft/final_alpha") in logged
+    assert (8, "wiseft/time/sample_s") in logged and (8, "wiseft/time/weights_s") in logged
     assert "wiseft/alpha_0.50/pass@4" in trainer.callback_metrics
 
     # evaluations leave the training trajectory alone: same weights as a run without the callback

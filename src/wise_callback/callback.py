@@ -9,11 +9,13 @@ Timeline of a run (steps are optimizer steps, `trainer.global_step`):
   safetensors beside the checkpoints; they are evaluated once, as alpha = 0 (the early reference);
 * every `eval_every_n_steps` after that (multiples of it): the current weights (alpha = 1) and every
   alpha of the grid are evaluated with one backup and one bit-exact restore; records go to
-  `history`, `history.jsonl` and every Lightning logger as `wiseft/alpha_{alpha:.2f}/{metric}`;
+  `history`, `history.jsonl` and every Lightning logger as `wiseft/alpha_{alpha:.2f}/{metric}`
+  (also `wiseft/collapse`, 0/1, and `wiseft/time/{phase}_s`, where the evaluation's time went);
   the collapse early warning looks at the current weights;
 * end of fit: the final weights are evaluated if the last evaluation is older than the last step,
   the merge alpha is chosen (fixed, or "best" by `select_metric`, ties toward the larger alpha),
-  the module is interpolated in place on every rank and saved if asked.
+  the module is interpolated in place on every rank (`wiseft/final_alpha` logged) and saved if
+  asked.
 
 Checkpoints: the trainer's checkpoints hold the *unmerged* training weights (they are written during
 training, before the merge at the end of fit) plus this callback's state (history, collapse state
@@ -478,6 +480,8 @@ class WiSEFTCallback(Callback):
             for name, value in r.items()
             if name not in ("step", "alpha") and isinstance(value, (int, float))
         }
+        # where the evaluation's time went (logged only: history stays reproducible)
+        metrics.update({f"wiseft/time/{k}": v for k, v in evaluation.timings.items()})
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
         metrics["wiseft/collapse"] = float(self._check_collapse(trainer, pl_module, current))
         self._log(trainer, metrics, step)
