@@ -65,7 +65,7 @@ def import_vllm():
 class VLLMSampler:
     """Samples with an in-process `vllm.LLM` that generates with `model`'s weights.
 
-    `progress` shows vLLM's progress bar. `engine_options` go to `vllm.LLM` (e.g.
+    `progress` shows vLLM's progress bar (rank 0 only). `engine_options` go to `vllm.LLM` (e.g.
     `gpu_memory_utilization`, `enforce_eager`, `max_model_len`, `dtype`). Defaults here: the dtype
     of the model's parameters, prefix caching on, seed 0, `enforce_eager=True` without CUDA,
     `gpu_memory_utilization=0.3` with it (the training model shares the GPU).
@@ -174,7 +174,8 @@ class VLLMSampler:
             self.load_weights(self.model)
         params = [self._params(config, n, p) for p in ids]
         prompts_in = [{"prompt_token_ids": p} for p in ids]
-        outputs = llm.generate(prompts_in, params, use_tqdm=self.progress)
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        outputs = llm.generate(prompts_in, params, use_tqdm=self.progress and rank0)
         if config.greedy:  # vLLM refuses n > 1 for greedy: one sample, repeated
             return [[_completion(out.outputs[0], config) for _ in range(n)] for out in outputs]
         return [[_completion(o, config) for o in out.outputs] for out in outputs]
