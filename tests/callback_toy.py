@@ -48,6 +48,7 @@ def toy_callback(num_problems: int = 6, save_merged_to: Path | None = None):
         alphas=(0.5,),
         final_alpha="best",
         max_new_tokens=3,
+        problems_per_call=2,  # 3 blocks: 2 on rank 0, 1 on rank 1 (FSDP2 pads with an empty call)
         save_merged_to=save_merged_to,
         progress=False,
     )

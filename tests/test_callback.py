@@ -196,9 +196,9 @@ class FailingSampler(HFSampler):
 @pytest.mark.parametrize("fail_on_eval_error", [False, True])
 def test_a_failing_evaluation_restores_the_weights(tmp_path, fail_on_eval_error):
     module = ToyModule()
-    # calls: snapshot eval at step 2 (6 problems) -> 6 calls; step 4: alpha 1.0 takes calls
-    # 7..12, the sweep's alpha 0.5 starts at call 13: fail in the middle of the interpolant
-    sampler = FailingSampler(module.model, module.tokenizer, progress=False, fail_on_call=15)
+    # one call per alpha (6 problems, 8 per call): the snapshot's at step 2, then at step 4 the
+    # current weights' and the interpolant's, inside the sweep: fail there
+    sampler = FailingSampler(module.model, module.tokenizer, progress=False, fail_on_call=3)
     before, after = Bracket(), Bracket()
     callback = WiSEFTCallback(
         toy_problems(),

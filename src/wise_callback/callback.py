@@ -52,15 +52,11 @@ from wise_callback.evaluate import (
     check_alphas,
     check_problems,
     evaluate,
+    is_sharded,
 )
 from wise_callback.grading import Grader, exact_match
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
 from wise_callback.weights import Snapshot, check_alpha, interpolate_, named_float_tensors
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
 
 ON_COLLAPSE = ("warn", "stop")
 SAMPLERS = ("hf", "vllm")
@@ -90,9 +86,10 @@ class WiSEFTCallback(Callback):
         sampler: "hf" (`HFSampler`, generates with the training model), "vllm" (`VLLMSampler`,
             in-process engine), or a `Sampler` instance.
         sampler_options: keyword arguments for the sampler built from "hf" or "vllm".
-        problems_per_call: problems per `sampler.sample` call. Default: 1 with the HF sampler
-            (every call the same shape: a distributed evaluation equals a single-process one bit
-            for bit), all of a rank's problems at once otherwise (vLLM batches them).
+        problems_per_call: consecutive problems per `sampler.sample` call, the unit of batching
+            and of the split across ranks (so a distributed evaluation equals a single-process
+            one bit for bit). Default: 8 with the HF sampler, one block per rank otherwise (vLLM
+            batches everything it gets).
         max_new_tokens, temperature, top_p, top_k, stop, seed: sampling settings for evaluation
             (`seed` is the base of the per-problem seeds; evaluations are reproducible).
         save_merged_to: after the merge, `save_pretrained` the model and tokenizer there (replaced
@@ -395,7 +392,7 @@ class WiSEFTCallback(Callback):
         self.snapshot = Snapshot.capture(
             self._model, device=self.snapshot_device, dtype=self.snapshot_dtype, step=step
         )
-        sharded = _is_sharded(self._model)
+        sharded = is_sharded(self._model)
         suffix = f"-rank{{rank}}-of-{trainer.world_size}" if sharded else ""
         self._snapshot_file = f"wiseft-snapshot-step{step}{suffix}.safetensors"
         folder = self._snapshot_folder(trainer)
@@ -546,7 +543,7 @@ class WiSEFTCallback(Callback):
     def _save_merged(self, trainer: pl.Trainer) -> None:
         """save_pretrained of the merged model + tokenizer into save_merged_to, atomically."""
         assert self._model is not None and self.save_merged_to is not None
-        state_dict = _full_state_dict(self._model) if _is_sharded(self._model) else None
+        state_dict = _full_state_dict(self._model) if is_sharded(self._model) else None
         if not trainer.is_global_zero:
             return
         target = self.save_merged_to
@@ -637,8 +634,11 @@ def _read_problems(problems: Any) -> list[dict[str, Any]]:
 
 
 def _default_problems_per_call(sampler: str | Sampler) -> int | None:
-    """1 for the HF sampler (exact across process counts), None (all at once) for the others."""
-    return 1 if sampler == "hf" or isinstance(sampler, HFSampler) else None
+    """8 for the HF sampler (most of the batching gain on CPU), None (one block per rank) for the
+    others."""
+    return (
+        EvalConfig.problems_per_call if sampler == "hf" or isinstance(sampler, HFSampler) else None
+    )
 
 
 def _import_object(path: str) -> Any:
@@ -669,10 +669,6 @@ def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, Any]:

@@ -7,17 +7,18 @@ offline on saved checkpoints. The flow of one evaluation:
 1. alpha = 1.0 (the current weights) is sampled first, untouched; every other alpha is sampled
    inside ONE `alpha_sweep` (one backup, one lerp per alpha, one restore, also on errors);
 2. all completions of all alphas are graded together, after the weights are back;
-3. per-problem results are gathered across ranks (problems are split rank by rank) and the
+3. per-problem results are gathered across ranks (problems are split block by block) and the
    metrics are computed from all of them, so every rank holds the same numbers as a single
    process would.
 
 Samplers seed every prompt on its own (from the config seed and the prompt), and the seed of an
 evaluation is derived from (`sampling.seed`, step): a problem's samples do not depend on the other
 problems, nor on any global RNG, and the same problem gets the same seed for every alpha of an
-evaluation (common random numbers make alphas comparable with less noise). With the default
-`problems_per_call=1` every sampler call has the same shape whatever the split across ranks, so a
-distributed evaluation equals a single-process one bit for bit; larger values let the sampler batch
-prompts (faster at scale, e.g. with vLLM) at the price of last-bit float differences. Global RNG
+evaluation (common random numbers make alphas comparable with less noise). Problems are cut into
+consecutive blocks of `problems_per_call`, one sampler call each, and rank r takes blocks r,
+r + world_size, ...: every call holds the same prompts whatever the number of processes, so a
+distributed evaluation equals a single-process one bit for bit (same batch shapes, same floating
+point). Global RNG
 states are saved and restored around sampling, so evaluating never changes the training run.
 """
 
@@ -52,8 +53,9 @@ class EvalConfig:
     """How to evaluate: samples per problem, the k values, sampling and grading settings.
 
     `ks` defaults to the powers of two up to `num_samples`, plus `num_samples` itself.
-    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: how many
-    problems go into one `sampler.sample` call (None: all of a rank's problems at once).
+    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: the
+    block of consecutive problems that goes into one `sampler.sample` call (the unit of batching
+    and of the split across ranks; None: one block per rank).
     """
 
     num_samples: int = 16
@@ -61,7 +63,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
-    problems_per_call: int | None = 1
+    problems_per_call: int | None = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int):
@@ -254,10 +256,11 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate `model` at each alpha (1.0 = as it is; others need `snapshot`) on `problems`.
 
-    With `world_size > 1` (an initialised torch.distributed group), rank r samples problems
-    r, r + world_size, ...; the per-problem results are gathered so that every rank returns the
-    full, identical `Evaluation`. On return the weights and the train/eval mode of every submodule
-    are as they were on entry, bit for bit, also when sampling or grading raises.
+    With `world_size > 1` (an initialised torch.distributed group), rank r samples the blocks of
+    `config.problems_per_call` problems r, r + world_size, ...; the per-problem results are
+    gathered so that every rank returns the full, identical `Evaluation`. On return the weights
+    and the train/eval mode of every submodule are as they were on entry, bit for bit, also when
+    sampling or grading raises.
     """
     alphas = check_alphas(alphas)
     if snapshot is None and alphas != (CURRENT,):
@@ -267,7 +270,8 @@ def evaluate(
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed group")
     timings = dict.fromkeys(("sample_s", "push_s", "weights_s", "grade_s", "gather_s"), 0.0)
     start = time.perf_counter()
-    local = list(range(rank, len(problems), world_size))
+    calls = _calls(model, len(problems), config.problems_per_call, rank, world_size)
+    local = [index for call in calls for index in call]
     graded: dict[float, _Graded] | None = None
     error: Exception | None = None
     try:
@@ -279,8 +283,7 @@ def evaluate(
             config,
             alphas,
             step,
-            local,
-            world_size,
+            calls,
             timings,
             progress,
         )
@@ -319,22 +322,15 @@ def _sample(
     config: EvalConfig,
     alphas: tuple[float, ...],
     step: int | None,
-    local: list[int],
-    world_size: int,
+    calls: list[list[int]],
     timings: dict[str, float],
     progress: bool,
 ) -> dict[float, list[list[Completion]]]:
     """This rank's completions for every alpha: 1.0 first as it is, the others in one sweep."""
-    # the same number of sampler calls on every rank (empty ones included): sharded (FSDP2)
-    # generation is collective and needs every rank in every forward
-    share = math.ceil(len(problems) / world_size)
-    per_call = config.problems_per_call or share
-    num_calls = math.ceil(share / per_call)
-    calls = [local[i * per_call : (i + 1) * per_call] for i in range(num_calls)]
     sampling = replace(config.sampling, seed=evaluation_seed(config.sampling.seed, step))
     completions: dict[float, list[list[Completion]]] = {}
     bar = tqdm(
-        total=len(alphas) * len(local),
+        total=len(alphas) * sum(map(len, calls)),
         desc=f"wise-ft eval step {step}",
         unit="problem",
         disable=not progress,
@@ -379,6 +375,28 @@ def _sample(
             module.training = training
         bar.close()
     return completions
+
+
+def _calls(
+    model: torch.nn.Module, num_problems: int, block: int | None, rank: int, world_size: int
+) -> list[list[int]]:
+    """This rank's sampler calls: blocks of consecutive problem indices, round-robin by rank.
+
+    A sharded (FSDP2) model generates with collectives, so every rank must make the same number
+    of calls: ranks with fewer blocks get empty ones.
+    """
+    block = block or math.ceil(num_problems / world_size)
+    blocks = [list(range(s, min(s + block, num_problems))) for s in range(0, num_problems, block)]
+    calls = blocks[rank::world_size]
+    if is_sharded(model):
+        calls += [[]] * (math.ceil(len(blocks) / world_size) - len(calls))
+    return calls
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model has DTensor (FSDP2) parameters."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def _check_counts(
