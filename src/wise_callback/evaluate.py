@@ -6,7 +6,7 @@ offline on saved checkpoints. The flow of one evaluation:
 
 1. alpha = 1.0 (the current weights) is sampled first, untouched; every other alpha is sampled
    inside ONE `alpha_sweep` (one backup, one lerp per alpha, one restore, also on errors);
-2. all completions of all alphas are graded together, after the weights are back;
+2. the completions are graded (one `grade_many` call per alpha) after the weights are back;
 3. per-problem results are gathered across ranks (problems are split block by block) and the
    metrics are computed from all of them, so every rank holds the same numbers as a single
    process would.
@@ -18,8 +18,8 @@ evaluation (common random numbers make alphas comparable with less noise). Probl
 consecutive blocks of `problems_per_call`, one sampler call each, and rank r takes blocks r,
 r + world_size, ...: every call holds the same prompts whatever the number of processes, so a
 distributed evaluation equals a single-process one bit for bit (same batch shapes, same floating
-point). Global RNG
-states are saved and restored around sampling, so evaluating never changes the training run.
+point; with `problems_per_call=None`, one block per rank, that no longer holds). Global RNG states
+are saved and restored around sampling, so evaluating never changes the training run.
 """
 
 from __future__ import annotations
