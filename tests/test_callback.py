@@ -276,17 +276,26 @@ def test_collapse_warning_fires_once_and_acts(tmp_path):
     assert trainer.should_stop
 
 
-def test_bf16_mixed_and_a_fixed_alpha(tmp_path):
+def test_bf16_mixed_a_bf16_snapshot_and_a_fixed_alpha(tmp_path):
     module = ToyModule()
+    before = Bracket()
     callback = WiSEFTCallback(
         toy_problems(3), module.tokenizer, snapshot_at=2, eval_every_n_steps=3,
-        alphas=(0.5,), final_alpha=0.25, **FAST,
+        alphas=(0.5,), final_alpha=0.25, snapshot_dtype="bfloat16", **FAST,
     )  # fmt: skip
-    trainer_for(tmp_path, [callback], max_steps=4, precision="bf16-mixed").fit(module)
+    trainer_for(tmp_path, [before, callback], max_steps=4, precision="bf16-mixed").fit(module)
     assert [(r["step"], r["alpha"]) for r in callback.history] == [
         (2, 0.0), (3, 0.5), (3, 1.0), (4, 0.5), (4, 1.0),
     ]  # fmt: skip
     assert callback.chosen_alpha == 0.25
+    assert callback.snapshot is not None
+    assert {t.dtype for t in callback.snapshot.tensors.values()} == {torch.bfloat16}
+    assert_same(callback.snapshot.tensors, {n: t.bfloat16() for n, t in before.seen[2][0].items()})
+    expected = ToyModule().model  # fp32 weights, lerp computed in fp32 from the bf16 snapshot
+    expected.load_state_dict(before.seen[-1][0], strict=False)
+    interpolate_(expected, callback.snapshot, 0.25)
+    assert_same(weights(expected), weights(module.model))
+    assert module.model.lm_head.weight.dtype == torch.float32
 
 
 def test_resume_finds_the_snapshot_beside_the_checkpoint(tmp_path):
