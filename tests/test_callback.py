@@ -276,6 +276,45 @@ def test_collapse_warning_fires_once_and_acts(tmp_path):
     assert trainer.should_stop
 
 
+class NoisyLabels(ToyModule):
+    """Memorises 8 sums, half of them with a consistently wrong label: sampling starts diverse
+    (high Pass@16), then every problem collapses onto one answer, right or wrong, while Pass@1
+    climbs towards 0.5: the collapse the early warning is for."""
+
+    PAIRS = [(a, b) for a in range(10) for b in range(10)][::7][:8]
+
+    def problems(self) -> list[dict[str, str]]:
+        return [{"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)} for a, b in self.PAIRS]
+
+    def train_dataloader(self):
+        rows = [
+            self.tokenizer(f"{a}+{b}={(a + b + 3 * (i % 2)) % 10}")["input_ids"]
+            + [self.tokenizer.eos_token_id]
+            for i, (a, b) in enumerate(self.PAIRS)
+        ]
+        return torch.utils.data.DataLoader(torch.tensor(rows), batch_size=len(rows))
+
+
+def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
+    module = NoisyLabels(lr=1e-2)
+    callback = WiSEFTCallback(
+        module.problems(), module.tokenizer, snapshot_at=5, eval_every_n_steps=5, num_samples=16,
+        ks=(1, 16), alphas=(0.5,), collapse_min_drop=0.1, collapse_patience=2,
+        on_collapse="stop", max_new_tokens=2, progress=False,
+    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [callback], max_steps=200)
+    with pytest.warns(UserWarning, match=r"diversity collapse at step \d+: pass@16 fell from"):
+        trainer.fit(module)
+    assert trainer.global_step < 200  # stopped
+    current = [r for r in callback.history if r["alpha"] in (0.0, 1.0)]
+    last, state = current[-1], callback._collapse
+    assert last["step"] == trainer.global_step and state.fired
+    assert state.best == max(r["pass@16"] for r in current) >= last["pass@16"] + 0.1
+    assert last["pass@1"] >= state.best_pass1
+    assert trainer.callback_metrics["wiseft/collapse"] == 1
+    assert callback.chosen_alpha is not None  # the merge still happens after the stop
+
+
 def test_bf16_mixed_a_bf16_snapshot_and_a_fixed_alpha(tmp_path):
     module = ToyModule()
     before = Bracket()
