@@ -469,6 +469,13 @@ class WiSEFTCallback(Callback):
             )
             return
         self.last_evaluation = evaluation
+        self._record(trainer, pl_module, evaluation)
+
+    def _record(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluation: Evaluation
+    ) -> None:
+        """An evaluation's records into `history` and history.jsonl, its scalars (and the
+        collapse flag) to the loggers. The one place that turns results into outputs."""
         records = evaluation.records()
         self.history.extend(records)
         metrics = {
@@ -481,7 +488,7 @@ class WiSEFTCallback(Callback):
         metrics.update({f"wiseft/time/{k}": v for k, v in evaluation.timings.items()})
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
         metrics["wiseft/collapse"] = float(self._check_collapse(trainer, pl_module, current))
-        self._log(trainer, metrics, step)
+        self._log(trainer, metrics, trainer.global_step)
         self._write_history(trainer)
 
     def _check_collapse(
