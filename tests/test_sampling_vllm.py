@@ -93,6 +93,7 @@ def test_counts_types_protocol_and_text(sampler, tokenizer):
     assert token_ids(sampler.sample(ids, 3, SamplingConfig(max_new_tokens=12, seed=1))) == (
         token_ids(out)
     )
+    assert sampler.sample([], 3, SamplingConfig()) == []
 
 
 def test_same_seed_same_samples_independent_of_order(sampler):

@@ -171,7 +171,9 @@ class VLLMSampler:
         if too_long:
             raise ValueError(f"prompts {too_long[:5]} are not shorter than max_model_len {limit}")
         if self._pushed != (_engine["build"], _fingerprint(self.model)):
-            self.load_weights(self.model)
+            self.load_weights(self.model)  # before the early return: under FSDP2 it is collective
+        if not ids:
+            return []
         params = [self._params(config, n, p) for p in ids]
         prompts_in = [{"prompt_token_ids": p} for p in ids]
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
