@@ -5,7 +5,7 @@ Shared by the in-process tests and by the multi-process runs, which start this f
     python tests/callback_toy.py --out DIR [--strategy ddp|fsdp2] [--devices 2] [--resume] ...
 
 The script trains with `WiSEFTCallback` (one batch per epoch), checkpoints every 3 steps (epochs),
-and writes into DIR:
+and writes into DIR: `merged/` (the callback's save_pretrained of the merged model),
 `history.json` (the callback's history, rank 0), `final_rank{r}.safetensors` (each rank's weights
 after the merge, full tensors), `premerge.safetensors` (rank 0's weights just before the merge)
 and `snapshot_rank{r}.safetensors` (each rank's snapshot, local shards under FSDP2).
@@ -33,7 +33,7 @@ def toy_problems(count: int = 6) -> list[dict[str, str]]:
     return [{"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)} for a, b in EVAL_PAIRS[:count]]
 
 
-def toy_callback(num_problems: int = 6):
+def toy_callback(num_problems: int = 6, save_merged_to: Path | None = None):
     """The callback of the multi-process runs (tests rebuild it to evaluate single-process)."""
     from wise_callback import WiSEFTCallback
     from wise_callback.grading import exact_match
@@ -48,6 +48,8 @@ def toy_callback(num_problems: int = 6):
         alphas=(0.5,),
         final_alpha="best",
         max_new_tokens=3,
+        problems_per_call=2,  # 3 blocks: 2 on rank 0, 1 on rank 1 (FSDP2 pads with an empty call)
+        save_merged_to=save_merged_to,
         progress=False,
     )
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     # one batch per epoch: a resumed run meets the same batches whatever Lightning does with a
     # partly consumed epoch, so what is tested is the callback's own resume
     module = ToyModule(fsdp2=args.strategy == "fsdp2", batch_size=None)
-    callback = toy_callback(args.problems)
+    callback = toy_callback(args.problems, save_merged_to=args.out / "merged")
     if args.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -79,6 +79,9 @@ def trainer_for(tmp_path, callbacks, **kwargs) -> pl.Trainer:
         (dict(collapse_min_drop=-0.1), "collapse_min_drop"),
         (dict(temperature=-1.0), "temperature"),
         (dict(problems="/nonexistent/problems.jsonl"), "problems file not found"),
+        (dict(snapshot_dtype="int8"), "floating-point dtype"),
+        (dict(alphas=(0.5, 0.501)), "collide"),
+        (dict(grader="wise_callback.grading.no_such_grader"), "cannot import"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(kwargs, match):
@@ -86,6 +89,15 @@ def test_bad_arguments_fail_in_the_constructor(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         WiSEFTCallback(**arguments)
+
+
+def test_model_attr_finds_the_model():
+    module = ToyModule()
+    for model_attr in ("model", lambda m: m.model):
+        callback = WiSEFTCallback(toy_problems(), model_attr=model_attr)
+        assert callback._resolve_model(module) is module.model
+    with pytest.raises(ValueError, match=r"pl_module\.backbone\.lm is NoneType, not a torch"):
+        WiSEFTCallback(toy_problems(), model_attr="backbone.lm")._resolve_model(module)
 
 
 def test_snapshot_after_the_last_step_fails_before_training(tmp_path):
@@ -157,6 +169,7 @@ def test_fit_snapshots_evaluates_logs_and_merges(tmp_path):
     assert (8, "wiseft/alpha_0.25/maj@4") in logged
     assert (12, "wiseft/alpha_1.00/jensen_bound@4") in logged
     assert (12, "wiseft/collapse") in logged and (12, "wiseft/final_alpha") in logged
+    assert (8, "wiseft/time/sample_s") in logged and (8, "wiseft/time/weights_s") in logged
     assert "wiseft/alpha_0.50/pass@4" in trainer.callback_metrics
 
     # evaluations leave the training trajectory alone: same weights as a run without the callback
@@ -183,9 +196,9 @@ class FailingSampler(HFSampler):
 @pytest.mark.parametrize("fail_on_eval_error", [False, True])
 def test_a_failing_evaluation_restores_the_weights(tmp_path, fail_on_eval_error):
     module = ToyModule()
-    # calls: snapshot eval at step 2 (6 problems) -> 6 calls; step 4: alpha 1.0 takes calls
-    # 7..12, the sweep's alpha 0.5 starts at call 13: fail in the middle of the interpolant
-    sampler = FailingSampler(module.model, module.tokenizer, progress=False, fail_on_call=15)
+    # one call per alpha (6 problems, 8 per call): the snapshot's at step 2, then at step 4 the
+    # current weights' and the interpolant's, inside the sweep: fail there
+    sampler = FailingSampler(module.model, module.tokenizer, progress=False, fail_on_call=3)
     before, after = Bracket(), Bracket()
     callback = WiSEFTCallback(
         toy_problems(),
@@ -263,17 +276,65 @@ def test_collapse_warning_fires_once_and_acts(tmp_path):
     assert trainer.should_stop
 
 
-def test_bf16_mixed_and_a_fixed_alpha(tmp_path):
+class NoisyLabels(ToyModule):
+    """Memorises 8 sums, half of them with a consistently wrong label: sampling starts diverse
+    (high Pass@16), then every problem collapses onto one answer, right or wrong, while Pass@1
+    climbs towards 0.5: the collapse the early warning is for."""
+
+    PAIRS = [(a, b) for a in range(10) for b in range(10)][::7][:8]
+
+    def problems(self) -> list[dict[str, str]]:
+        return [{"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)} for a, b in self.PAIRS]
+
+    def train_dataloader(self):
+        rows = [
+            self.tokenizer(f"{a}+{b}={(a + b + 3 * (i % 2)) % 10}")["input_ids"]
+            + [self.tokenizer.eos_token_id]
+            for i, (a, b) in enumerate(self.PAIRS)
+        ]
+        return torch.utils.data.DataLoader(torch.tensor(rows), batch_size=len(rows))
+
+
+def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
+    module = NoisyLabels(lr=1e-2)
+    callback = WiSEFTCallback(
+        module.problems(), module.tokenizer, snapshot_at=5, eval_every_n_steps=5, num_samples=16,
+        ks=(1, 16), alphas=(0.5,), collapse_min_drop=0.1, collapse_patience=2,
+        on_collapse="stop", max_new_tokens=2, progress=False,
+    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [callback], max_steps=200)
+    with pytest.warns(UserWarning, match=r"diversity collapse at step \d+: pass@16 fell from"):
+        trainer.fit(module)
+    assert trainer.global_step < 200  # stopped
+    current = [r for r in callback.history if r["alpha"] in (0.0, 1.0)]
+    last, state = current[-1], callback._collapse
+    assert last["step"] == trainer.global_step and state.fired
+    assert state.best == max(r["pass@16"] for r in current) >= last["pass@16"] + 0.1
+    assert last["pass@1"] >= state.best_pass1
+    assert trainer.callback_metrics["wiseft/collapse"] == 1
+    assert callback.chosen_alpha is not None  # the merge still happens after the stop
+
+
+def test_bf16_mixed_a_bf16_snapshot_and_a_fixed_alpha(tmp_path):
     module = ToyModule()
+    before = Bracket()
     callback = WiSEFTCallback(
         toy_problems(3), module.tokenizer, snapshot_at=2, eval_every_n_steps=3,
-        alphas=(0.5,), final_alpha=0.25, **FAST,
+        alphas=(0.5,), final_alpha=0.25, snapshot_dtype="bfloat16", **FAST,
     )  # fmt: skip
-    trainer_for(tmp_path, [callback], max_steps=4, precision="bf16-mixed").fit(module)
+    trainer_for(tmp_path, [before, callback], max_steps=4, precision="bf16-mixed").fit(module)
     assert [(r["step"], r["alpha"]) for r in callback.history] == [
         (2, 0.0), (3, 0.5), (3, 1.0), (4, 0.5), (4, 1.0),
     ]  # fmt: skip
     assert callback.chosen_alpha == 0.25
+    assert callback.snapshot is not None
+    assert {t.dtype for t in callback.snapshot.tensors.values()} == {torch.bfloat16}
+    assert_same(callback.snapshot.tensors, {n: t.bfloat16() for n, t in before.seen[2][0].items()})
+    expected = ToyModule().model  # fp32 weights, lerp computed in fp32 from the bf16 snapshot
+    expected.load_state_dict(before.seen[-1][0], strict=False)
+    interpolate_(expected, callback.snapshot, 0.25)
+    assert_same(weights(expected), weights(module.model))
+    assert module.model.lm_head.weight.dtype == torch.float32
 
 
 def test_resume_finds_the_snapshot_beside_the_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from callback_toy import ToyModule, toy_callback
 from wise_callback import Snapshot, interpolate_
@@ -36,6 +37,12 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def saved_merged(out: Path) -> dict[str, torch.Tensor]:
+    """The parameters of the model the callback saved with save_pretrained."""
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    return {n: t.detach() for n, t in model.named_parameters()}
 
 
 def merged_reference(premerge: dict, snapshot: dict, alpha: float) -> dict[str, torch.Tensor]:
@@ -87,6 +94,8 @@ def test_ddp_two_processes_match_a_single_process_evaluation(tmp_path):
     premerge = load_file(tmp_path / "premerge.safetensors")
     snapshot = load_file(tmp_path / "snapshot_rank0.safetensors")
     assert_same(final[0], merged_reference(premerge, snapshot, summary["chosen_alpha"]))
+    saved = saved_merged(tmp_path)
+    assert_same(saved, {n: final[0][n] for n in saved})
 
     # the final evaluation (problems split 3 + 3 over the ranks) = one process over all 6
     callback = toy_callback()
@@ -120,6 +129,8 @@ def test_fsdp2_two_processes_keep_snapshot_and_merge_shard_local(tmp_path):
     summary = json.loads((tmp_path / "history.json").read_text())
     expected = merged_reference(full_names, snapshot, summary["chosen_alpha"])
     assert_same(final[0], expected)
+    saved = saved_merged(tmp_path)  # gathered from the shards into one save_pretrained folder
+    assert_same(saved, {n: final[0][n] for n in saved})
     assert [(r["step"], r["alpha"]) for r in summary["history"]] == [
         (4, 0.0), (5, 0.5), (5, 1.0), (10, 0.5), (10, 1.0), (15, 0.5), (15, 1.0), (16, 0.5),
         (16, 1.0),

@@ -208,6 +208,7 @@ def test_the_time_budget_stops_sampling_and_restores_the_weights(tmp_path, caplo
         eval_every_n_steps=2,
         alphas=(0.25, 0.5),
         eval_time_budget_s=1e-4,
+        problems_per_call=1,
         **FAST,
     )
     with caplog.at_level(logging.INFO):

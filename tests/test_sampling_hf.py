@@ -48,6 +48,7 @@ def test_counts_types_and_protocol(tiny_model, tokenizer):
         assert completion.finish_reason in ("stop", "length")
         assert completion.logprob is None
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+    assert sampler.sample([], 3, SamplingConfig()) == []
 
 
 def test_token_id_prompts_equal_string_prompts(tiny_model, tokenizer):
@@ -216,7 +217,9 @@ def _fsdp_worker(rank: int, port: int, prompts_per_rank, configs, results) -> No
             [[c.token_ids for c in cs] for cs in sampler.sample(prompts_per_rank[rank], 3, config)]
             for config in configs
         ]
-        results[rank] = out
+        # a rank with nothing to sample still joins every forward of the other's batches
+        uneven = sampler.sample(PROMPTS[:2] if rank == 0 else [], 2, configs[1])
+        results[rank] = [*out, [[c.token_ids for c in cs] for cs in uneven]]
     finally:
         torch.distributed.destroy_process_group()
 
@@ -246,4 +249,6 @@ def test_fsdp2_sharded_model_two_processes_match_one_process(tokenizer):
             [[c.token_ids for c in cs] for cs in sampler.sample(prompts_per_rank[rank], 3, config)]
             for config in configs
         ]
+        uneven = sampler.sample(PROMPTS[:2] if rank == 0 else [], 2, configs[1])
+        expected.append([[c.token_ids for c in cs] for cs in uneven])
         assert results[rank] == expected

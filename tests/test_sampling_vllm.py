@@ -4,12 +4,16 @@ weights, greedy vLLM tokens equal `model.generate` on the interpolant and HFSamp
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
-from wise_callback.demo.model import tiny_llama
+from wise_callback.demo.model import char_tokenizer, tiny_llama
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
 from wise_callback.weights import Snapshot, interpolate_, interpolated
 
@@ -89,6 +93,7 @@ def test_counts_types_protocol_and_text(sampler, tokenizer):
     assert token_ids(sampler.sample(ids, 3, SamplingConfig(max_new_tokens=12, seed=1))) == (
         token_ids(out)
     )
+    assert sampler.sample([], 3, SamplingConfig()) == []
 
 
 def test_same_seed_same_samples_independent_of_order(sampler):
@@ -170,3 +175,60 @@ def test_a_sampler_for_another_model_replaces_the_engine(model, tokenizer, sampl
     # The first sampler gets its engine back, with its weights pushed again.
     expected = [[reference_greedy(model, tokenizer, p, 12)] for p in PROMPTS]
     assert token_ids(sampler.sample(PROMPTS, 1, config)) == expected
+
+
+def _fsdp_worker(rank: int, port: int, results) -> None:
+    """One rank of a 2-process gloo world: an FSDP2-sharded model, its own vLLM engine (which
+    joins the world), weights gathered one tensor at a time on the way in."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from torch.distributed.fsdp import fully_shard
+
+    tokenizer = char_tokenizer()
+    model, early = (tiny_llama(len(tokenizer), seed=s, tokenizer=tokenizer) for s in (0, 1))
+    for module in (model, early):
+        for layer in module.model.layers:
+            fully_shard(layer)
+        fully_shard(module)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    snapshot = Snapshot.capture(early)  # this rank's shards of the 'early checkpoint'
+    sampler = VLLMSampler(model, tokenizer, progress=False, max_model_len=256)
+    config = SamplingConfig(temperature=0, max_new_tokens=12)
+    prompts = PROMPTS[2 * rank : 2 * rank + 2]
+    latest = token_ids(sampler.sample(prompts, 1, config))
+    with interpolated(model, snapshot, 0.5):
+        mixed = token_ids(sampler.sample(prompts, 1, config))  # pushed: versions changed
+    other = VLLMSampler(tiny_llama(len(tokenizer), num_layers=1), tokenizer, max_model_len=256)
+    try:
+        other.sample(["ok"], 1, config)
+        refused = ""
+    except RuntimeError as error:
+        refused = str(error)
+    results[rank] = {"latest": latest, "mixed": mixed, "refused": refused}
+    # No destroy_process_group here: vLLM's exit handler tears the group down with its engine.
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_push_gathered_weights(tokenizer):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_fsdp_worker, args=(port, results), nprocs=2, start_method="spawn")
+        results = dict(results)
+    model = tiny_llama(len(tokenizer), seed=0, tokenizer=tokenizer)
+    early = Snapshot.capture(tiny_llama(len(tokenizer), seed=1, tokenizer=tokenizer))
+    for rank in range(2):
+        prompts = PROMPTS[2 * rank : 2 * rank + 2]
+        assert results[rank]["latest"] == [
+            [reference_greedy(model, tokenizer, p, 12)] for p in prompts
+        ]
+        with interpolated(model, early, 0.5):
+            expected = [[reference_greedy(model, tokenizer, p, 12)] for p in prompts]
+        assert results[rank]["mixed"] == expected != results[rank]["latest"]
+        assert (
+            "cannot be replaced without destroying the trainer's process group"
+            in (results[rank]["refused"])
+        )

@@ -15,13 +15,21 @@ _PUBLIC = {
     "Snapshot": "wise_callback.weights",
     "interpolate_": "wise_callback.weights",
     "interpolated": "wise_callback.weights",
+    "alpha_sweep": "wise_callback.weights",
     "WiSEFTCallback": "wise_callback.callback",
 }
-__all__ = ["Snapshot", "WiSEFTCallback", "__version__", "interpolate_", "interpolated"]
+__all__ = [
+    "Snapshot",
+    "WiSEFTCallback",
+    "__version__",
+    "alpha_sweep",
+    "interpolate_",
+    "interpolated",
+]
 
 if TYPE_CHECKING:
     from wise_callback.callback import WiSEFTCallback
-    from wise_callback.weights import Snapshot, interpolate_, interpolated
+    from wise_callback.weights import Snapshot, alpha_sweep, interpolate_, interpolated
 
 
 def __getattr__(name: str) -> Any:

@@ -9,11 +9,13 @@ Timeline of a run (steps are optimizer steps, `trainer.global_step`):
   safetensors beside the checkpoints; they are evaluated once, as alpha = 0 (the early reference);
 * every `eval_every_n_steps` after that (multiples of it): the current weights (alpha = 1) and every
   alpha of the grid are evaluated with one backup and one bit-exact restore; records go to
-  `history`, `history.jsonl` and every Lightning logger as `wiseft/alpha_{alpha:.2f}/{metric}`;
+  `history`, `history.jsonl` and every Lightning logger as `wiseft/alpha_{alpha:.2f}/{metric}`
+  (also `wiseft/collapse`, 0/1, and `wiseft/time/{phase}_s`, where the evaluation's time went);
   the collapse early warning looks at the current weights;
 * end of fit: the final weights are evaluated if the last evaluation is older than the last step,
   the merge alpha is chosen (fixed, or "best" by `select_metric`, ties toward the larger alpha),
-  the module is interpolated in place on every rank and saved if asked.
+  the module is interpolated in place on every rank (`wiseft/final_alpha` logged) and saved if
+  asked.
 
 Checkpoints: the trainer's checkpoints hold the *unmerged* training weights (they are written during
 training, before the merge at the end of fit) plus this callback's state (history, collapse state
@@ -51,6 +53,7 @@ from wise_callback.evaluate import (
     check_alphas,
     check_problems,
     evaluate,
+    is_sharded,
 )
 from wise_callback.generations import (
     format_samples,
@@ -63,11 +66,6 @@ from wise_callback.generations import (
 from wise_callback.grading import Grader, exact_match
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
 from wise_callback.weights import Snapshot, check_alpha, interpolate_, named_float_tensors
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
 
 ON_COLLAPSE = ("warn", "stop")
 SAMPLERS = ("hf", "vllm")
@@ -97,9 +95,10 @@ class WiSEFTCallback(Callback):
         sampler: "hf" (`HFSampler`, generates with the training model), "vllm" (`VLLMSampler`,
             in-process engine), or a `Sampler` instance.
         sampler_options: keyword arguments for the sampler built from "hf" or "vllm".
-        problems_per_call: problems per `sampler.sample` call. Default: 1 with the HF sampler
-            (every call the same shape: a distributed evaluation equals a single-process one bit
-            for bit), all of a rank's problems at once otherwise (vLLM batches them).
+        problems_per_call: consecutive problems per `sampler.sample` call, the unit of batching
+            and of the split across ranks (so a distributed evaluation equals a single-process
+            one bit for bit). Default: 8 with the HF sampler, one block per rank otherwise (vLLM
+            batches everything it gets).
         max_new_tokens, temperature, top_p, top_k, stop, seed: sampling settings for evaluation
             (`seed` is the base of the per-problem seeds; evaluations are reproducible).
         save_merged_to: after the merge, `save_pretrained` the model and tokenizer there (replaced
@@ -113,11 +112,13 @@ class WiSEFTCallback(Callback):
         on_collapse: "warn", "stop" (warn and stop training), or a callable
             `(trainer, pl_module, info: dict) -> None`.
         fail_on_eval_error: raise when sampling or grading fails, instead of warning and going on.
-        snapshot_device, snapshot_dtype: where and in which dtype to keep the snapshot.
+        snapshot_device, snapshot_dtype: where and in which dtype to keep the snapshot (a dtype
+            or its name, e.g. "bfloat16" to halve the snapshot of an fp32 model).
         snapshot_dir: where the snapshot file goes; default the `ModelCheckpoint` folder (else the
             trainer's `default_root_dir`).
         grade_timeout_s, grade_workers: per-completion grading timeout, and grading worker
-            processes (0: grade in this process).
+            processes (`grade_many`: None runs exact/numeric matching in this process and other
+            graders in a pool with the timeout; 0: always in this process, no timeout).
         progress: show a progress bar while sampling (rank zero only).
         num_examples_to_log: how many problems (the same ones at every evaluation, spread over
             the list) show their first completion under every alpha in the sample table.
@@ -161,7 +162,7 @@ class WiSEFTCallback(Callback):
         on_collapse: str | Callable[..., Any] = "warn",
         fail_on_eval_error: bool = False,
         snapshot_device: str | torch.device = "cpu",
-        snapshot_dtype: torch.dtype | None = None,
+        snapshot_dtype: torch.dtype | str | None = None,
         snapshot_dir: str | os.PathLike | None = None,
         grade_timeout_s: float = 10.0,
         grade_workers: int | None = None,
@@ -208,6 +209,9 @@ class WiSEFTCallback(Callback):
             time_budget_s=eval_time_budget_s,
         )
         self.alphas = tuple(a for a in check_alphas(alphas) if a != CURRENT)
+        names = [f"{a:.2f}" for a in (*self.alphas, CURRENT)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"alphas {alphas} collide in the logged names alpha_{{alpha:.2f}}")
         self.select_metric = select_metric or f"pass@{self.config.max_k}"
         if self.select_metric not in self.config.selectable_metrics():
             raise ValueError(
@@ -247,7 +251,11 @@ class WiSEFTCallback(Callback):
         self.on_collapse = on_collapse
         self.fail_on_eval_error = bool(fail_on_eval_error)
         self.snapshot_device = torch.device(snapshot_device)
-        if snapshot_dtype is not None and not snapshot_dtype.is_floating_point:
+        if isinstance(snapshot_dtype, str):
+            snapshot_dtype = getattr(torch, snapshot_dtype.removeprefix("torch."), snapshot_dtype)
+        if snapshot_dtype is not None and not (
+            isinstance(snapshot_dtype, torch.dtype) and snapshot_dtype.is_floating_point
+        ):
             raise ValueError(f"snapshot_dtype must be a floating-point dtype, got {snapshot_dtype}")
         self.snapshot_dtype = snapshot_dtype
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
@@ -324,6 +332,7 @@ class WiSEFTCallback(Callback):
         return tokenizer
 
     def _resolve_model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        model: Any
         if callable(self.model_attr):
             model = self.model_attr(pl_module)
             where = f"model_attr callable {self.model_attr!r}"
@@ -427,7 +436,7 @@ class WiSEFTCallback(Callback):
         last = max((r["step"] for r in self.history if r["alpha"] == CURRENT), default=None)
         if last is None:
             return None
-        candidates = [r for r in self.history if r["step"] == last and r["alpha"] != EARLY]
+        candidates = [r for r in self.history if r["step"] == last]
         best = max(candidates, key=lambda r: (r[self.select_metric], r["alpha"]))
         return float(best["alpha"])
 
@@ -438,7 +447,7 @@ class WiSEFTCallback(Callback):
         self.snapshot = Snapshot.capture(
             self._model, device=self.snapshot_device, dtype=self.snapshot_dtype, step=step
         )
-        sharded = _is_sharded(self._model)
+        sharded = is_sharded(self._model)
         suffix = f"-rank{{rank}}-of-{trainer.world_size}" if sharded else ""
         self._snapshot_file = f"wiseft-snapshot-step{step}{suffix}.safetensors"
         folder = self._snapshot_folder(trainer)
@@ -515,9 +524,14 @@ class WiSEFTCallback(Callback):
             )
             return
         self.last_evaluation = evaluation
+        self._record(trainer, pl_module, evaluation)
+
+    def _record(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluation: Evaluation
+    ) -> None:
+        """An evaluation's records into `history` and history.jsonl, its scalars (and the
+        collapse flag) to the loggers. The one place that turns results into outputs."""
         records = evaluation.records()
-        if alphas == (EARLY,):  # the snapshot's own evaluation: it IS theta(0)
-            records = [{**r, "alpha": EARLY} for r in records]
         self.history.extend(records)
         metrics = {
             f"wiseft/alpha_{r['alpha']:.2f}/{name}": float(value)
@@ -525,12 +539,14 @@ class WiSEFTCallback(Callback):
             for name, value in r.items()
             if name not in ("step", "alpha") and isinstance(value, (int, float))
         }
+        # where the evaluation's time went (logged only: history stays reproducible)
+        metrics.update({f"wiseft/time/{k}": v for k, v in evaluation.timings.items()})
         metrics.update(self._best_of(records))
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
-        baseline = step == 0  # before any training: not part of the collapse watch
+        baseline = evaluation.step == 0  # before any training: not part of the collapse watch
         collapsed = not baseline and self._check_collapse(trainer, pl_module, current)
         metrics["wiseft/collapse"] = float(collapsed)
-        self._log(trainer, metrics, step)
+        self._log(trainer, metrics, trainer.global_step)
         self._write_history(trainer)
         self._publish_samples(trainer, evaluation)
 
@@ -635,7 +651,7 @@ class WiSEFTCallback(Callback):
     def _save_merged(self, trainer: pl.Trainer) -> None:
         """save_pretrained of the merged model + tokenizer into save_merged_to, atomically."""
         assert self._model is not None and self.save_merged_to is not None
-        state_dict = _full_state_dict(self._model) if _is_sharded(self._model) else None
+        state_dict = _full_state_dict(self._model) if is_sharded(self._model) else None
         if not trainer.is_global_zero:
             return
         target = self.save_merged_to
@@ -674,7 +690,6 @@ class WiSEFTCallback(Callback):
             "last_eval_step": self._last_eval_step,
             "snapshot_file": self._snapshot_file,
             "snapshot_saved_in": self._snapshot_saved_in,
-            "snapshot_step": self.snapshot.step if self.snapshot is not None else None,
             "sample_table": [dict(r) for r in self.sample_table],
         }
 
@@ -785,8 +800,11 @@ def _chat_formatted(problems: list[dict[str, Any]], tokenizer: Any) -> list[dict
 
 
 def _default_problems_per_call(sampler: str | Sampler) -> int | None:
-    """1 for the HF sampler (exact across process counts), None (all at once) for the others."""
-    return 1 if sampler == "hf" or isinstance(sampler, HFSampler) else None
+    """8 for the HF sampler (most of the batching gain on CPU), None (one block per rank) for the
+    others."""
+    return (
+        EvalConfig.problems_per_call if sampler == "hf" or isinstance(sampler, HFSampler) else None
+    )
 
 
 def _import_object(path: str) -> Any:
@@ -819,11 +837,7 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _is_sharded(model: torch.nn.Module) -> bool:
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The full (unsharded) state dict of an FSDP2 model on CPU; a collective on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

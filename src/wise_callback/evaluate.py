@@ -6,19 +6,20 @@ offline on saved checkpoints. The flow of one evaluation:
 
 1. alpha = 1.0 (the current weights) is sampled first, untouched; every other alpha is sampled
    inside ONE `alpha_sweep` (one backup, one lerp per alpha, one restore, also on errors);
-2. all completions of all alphas are graded together, after the weights are back;
-3. per-problem results are gathered across ranks (problems are split rank by rank) and the
+2. the completions are graded (one `grade_many` call per alpha) after the weights are back;
+3. per-problem results are gathered across ranks (problems are split block by block) and the
    metrics are computed from all of them, so every rank holds the same numbers as a single
    process would.
 
 Samplers seed every prompt on its own (from the config seed and the prompt), and the seed of an
 evaluation is derived from (`sampling.seed`, step): a problem's samples do not depend on the other
 problems, nor on any global RNG, and the same problem gets the same seed for every alpha of an
-evaluation (common random numbers make alphas comparable with less noise). With the default
-`problems_per_call=1` every sampler call has the same shape whatever the split across ranks, so a
-distributed evaluation equals a single-process one bit for bit; larger values let the sampler batch
-prompts (faster at scale, e.g. with vLLM) at the price of last-bit float differences. Global RNG
-states are saved and restored around sampling, so evaluating never changes the training run.
+evaluation (common random numbers make alphas comparable with less noise). Problems are cut into
+consecutive blocks of `problems_per_call`, one sampler call each, and rank r takes blocks r,
+r + world_size, ...: every call holds the same prompts whatever the number of processes, so a
+distributed evaluation equals a single-process one bit for bit (same batch shapes, same floating
+point; with `problems_per_call=None`, one block per rank, that no longer holds). Global RNG states
+are saved and restored around sampling, so evaluating never changes the training run.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class EvalConfig:
     """How to evaluate: samples per problem, the k values, sampling and grading settings.
 
     `ks` defaults to the powers of two up to `num_samples`, plus `num_samples` itself.
-    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: how many
-    problems go into one `sampler.sample` call (None: all of a rank's problems at once, or in
-    BUDGET_CALLS calls when `time_budget_s` is set, so that the budget can stop between them).
+    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: the
+    block of consecutive problems that goes into one `sampler.sample` call (the unit of batching
+    and of the split across ranks; None: one block per rank, or BUDGET_CALLS blocks per rank
+    when `time_budget_s` is set, so that the budget has calls to stop between).
     `time_budget_s`: seconds of sampling per evaluation (see `evaluate`).
     """
 
@@ -67,7 +69,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
-    problems_per_call: int | None = 1
+    problems_per_call: int | None = 8
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -298,15 +300,17 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate `model` at each alpha (1.0 = as it is; others need `snapshot`) on `problems`.
 
-    With `world_size > 1` (an initialised torch.distributed group), rank r samples problems
-    r, r + world_size, ...; the per-problem results are gathered so that every rank returns the
-    full, identical `Evaluation`. On return the weights and the train/eval mode of every submodule
-    are as they were on entry, bit for bit, also when sampling or grading raises.
+    With `world_size > 1` (an initialised torch.distributed group), rank r samples the blocks of
+    `config.problems_per_call` problems r, r + world_size, ...; the per-problem results are
+    gathered so that every rank returns the full, identical `Evaluation`. On return the weights
+    and the train/eval mode of every submodule are as they were on entry, bit for bit, also when
+    sampling or grading raises.
 
     With `config.time_budget_s`, each alpha gets its share of the budget for sampling (what one
     alpha leaves unused goes to the next); when it runs out, sampling stops between two sampler
-    calls (every alpha makes at least one), and every alpha is scored on the same problems: those
-    that all alphas covered. Records say `num_problems` (covered) of `num_problems_planned`.
+    calls (every alpha makes at least one; all ranks stop after the same one), and every alpha
+    is scored on the same problems: those that all alphas covered, a prefix of `problems`.
+    Records say `num_problems` (covered) of `num_problems_planned`.
     """
     alphas = check_alphas(alphas)
     if snapshot is None and alphas != (CURRENT,):
@@ -316,7 +320,8 @@ def evaluate(
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed group")
     timings = dict.fromkeys(("sample_s", "push_s", "weights_s", "grade_s", "gather_s"), 0.0)
     start = time.perf_counter()
-    local = list(range(rank, len(problems), world_size))
+    calls = _calls(model, len(problems), config, rank, world_size)
+    local = [index for call in calls for index in call]
     graded: dict[float, _Graded] | None = None
     error: Exception | None = None
     try:
@@ -328,7 +333,7 @@ def evaluate(
             config,
             alphas,
             step,
-            local,
+            calls,
             world_size,
             timings,
             progress,
@@ -371,25 +376,17 @@ def _sample(
     config: EvalConfig,
     alphas: tuple[float, ...],
     step: int | None,
-    local: list[int],
+    calls: list[list[int]],
     world_size: int,
     timings: dict[str, float],
     progress: bool,
 ) -> dict[float, list[list[Completion]]]:
     """This rank's completions for every alpha: 1.0 first as it is, the others in one sweep;
     cut to the problems that every alpha covered when the time budget ran out."""
-    # the same number of sampler calls on every rank (empty ones included): sharded (FSDP2)
-    # generation is collective and needs every rank in every forward
-    share = math.ceil(len(problems) / world_size)
-    per_call = config.problems_per_call or (
-        math.ceil(share / BUDGET_CALLS) if config.time_budget_s else share
-    )
-    num_calls = math.ceil(share / per_call)
-    calls = [local[i * per_call : (i + 1) * per_call] for i in range(num_calls)]
     sampling = replace(config.sampling, seed=evaluation_seed(config.sampling.seed, step))
     completions: dict[float, list[list[Completion]]] = {}
     bar = tqdm(
-        total=len(alphas) * len(local),
+        total=len(alphas) * sum(map(len, calls)),
         desc=f"wise-ft eval step {step}",
         unit="problem",
         disable=not progress,
@@ -398,6 +395,7 @@ def _sample(
 
     order = sorted(alphas, key=lambda a: a != CURRENT)  # the sampling order
     budget_start = time.perf_counter()
+    sharded = is_sharded(model)
 
     def sample_all(alpha: float) -> None:
         deadline = _deadline(config.time_budget_s, budget_start, order.index(alpha), len(order))
@@ -409,6 +407,8 @@ def _sample(
         for number, call in enumerate(calls):
             if number > 0 and _out_of_time(deadline, world_size):
                 break
+            if not (call or sharded):  # a budget's padding (sharded generation needs them all)
+                continue
             prompts = [problems[i]["prompt"] for i in call]
             samples = sampler.sample(prompts, config.num_samples, sampling)
             _check_counts(sampler, samples, call, config.num_samples)
@@ -452,7 +452,7 @@ def _deadline(budget_s: float | None, start: float, position: int, count: int) -
 
 def _out_of_time(deadline: float, world_size: int) -> bool:
     """Past the deadline, on any rank (decided together, so that every rank makes the same
-    sampler calls: sharded generation needs all of them in every forward)."""
+    sampler calls and the problems covered are a prefix)."""
     if deadline == math.inf:
         return False
     late = time.perf_counter() > deadline
@@ -461,6 +461,31 @@ def _out_of_time(deadline: float, world_size: int) -> bool:
         torch.distributed.all_gather_object(everyone, late)
         late = any(everyone)
     return late
+
+
+def _calls(
+    model: torch.nn.Module, num_problems: int, config: EvalConfig, rank: int, world_size: int
+) -> list[list[int]]:
+    """This rank's sampler calls: blocks of consecutive problem indices, round-robin by rank.
+
+    A sharded (FSDP2) model generates with collectives, and a time budget stops all ranks
+    together, so then every rank makes the same number of calls: ranks with fewer blocks get
+    empty ones.
+    """
+    share = math.ceil(num_problems / world_size)
+    budget = config.time_budget_s is not None
+    block = config.problems_per_call or (math.ceil(share / BUDGET_CALLS) if budget else share)
+    blocks = [list(range(s, min(s + block, num_problems))) for s in range(0, num_problems, block)]
+    calls = blocks[rank::world_size]
+    if is_sharded(model) or budget:
+        calls += [[]] * (math.ceil(len(blocks) / world_size) - len(calls))
+    return calls
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model has DTensor (FSDP2) parameters."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def _check_counts(

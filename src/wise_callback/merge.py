@@ -19,11 +19,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from wise_callback.weights import check_alpha, name_listing
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -44,6 +43,8 @@ state such as optimizer.pt). Skipped files are logged."""
 
 CHUNK_BYTES = 16 * 2**20
 """Tensors are streamed in pieces of at most this many bytes: elementwise, so any split works."""
+SLOTS = 3
+"""Buffers per checkpoint: one piece being read, one being merged, one being written."""
 
 DTYPES = {
     "F64": torch.float64,
@@ -89,7 +90,7 @@ class Checkpoint:
         self.pickled = False
         self.index_metadata: dict[str, Any] | None = None  # None: a single unsharded file
         self._pickled_state: dict[Path, dict[str, torch.Tensor]] = {}
-        self._buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]
+        self._buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(SLOTS)]
         weight_map = self._weight_map(allow_pickle)
         self.tensors: dict[str, TensorInfo] = {}
         for file_name in sorted(set(weight_map.values())):
@@ -153,8 +154,8 @@ class Checkpoint:
 
     def read(self, name: str, start: int, count: int, slot: int = 0) -> torch.Tensor:
         """Elements [start, start + count) of tensor `name`, flat, in this checkpoint's reused
-        buffer number `slot` (0 or 1): valid until the next `read` into that slot. Two slots let
-        the next chunk load while the current one is processed; memory stays flat."""
+        buffer number `slot` (< SLOTS): valid until the next `read` into that slot. Reusing the
+        buffers keeps memory flat and spares the page faults of fresh allocations."""
         info = self.tensors[name]
         nbytes = count * info.dtype.itemsize
         if self._buffers[slot].numel() < nbytes:
@@ -279,15 +280,28 @@ def _write_shard(
 
         def load(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             name, start, count = pieces[i]
-            chunk = latest.read(name, start, count, slot=i % 2)
+            chunk = latest.read(name, start, count, slot=i % SLOTS)
             floating = chunk.is_floating_point()
-            return chunk, early.read(name, start, count, slot=i % 2) if floating else None
+            return chunk, early.read(name, start, count, slot=i % SLOTS) if floating else None
 
-        for chunk, other in _prefetched(load, len(pieces)):
-            if other is not None:
-                torch.lerp(other.to(chunk.dtype), chunk, alpha, out=chunk)
-            f.write(chunk.view(torch.uint8).numpy())  # type: ignore[arg-type]
-            bar.update(chunk.numel() * chunk.element_size())
+        # A three-stage pipeline over SLOTS buffers: piece i+1 is read while piece i is merged
+        # and piece i-1 is written (file I/O releases the GIL).
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            reads = deque([reader.submit(load, 0)] if pieces else [])
+            writes: deque[Future[int]] = deque()
+            for i in range(len(pieces)):
+                chunk, other = reads.popleft().result()
+                while len(writes) > SLOTS - 2:  # the slot read next is free once written
+                    writes.popleft().result()
+                if i + 1 < len(pieces):
+                    reads.append(reader.submit(load, i + 1))
+                if other is not None:
+                    torch.lerp(other.to(chunk.dtype), chunk, alpha, out=chunk)
+                data = chunk.view(torch.uint8).numpy()
+                writes.append(writer.submit(f.write, data))  # type: ignore[arg-type]
+                bar.update(chunk.numel() * chunk.element_size())
+            for write in writes:
+                write.result()
         f.flush()
         os.fsync(f.fileno())
 
@@ -302,18 +316,6 @@ def _pieces(names: list[str], latest: Checkpoint) -> list[tuple[str, int, int]]:
     return pieces
 
 
-def _prefetched(load: Callable[[int], T], count: int) -> Iterator[T]:
-    """load(0) ... load(count - 1) in order, each next one running in a thread (file reads
-    release the GIL) while the caller works on the current one."""
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        upcoming = [reader.submit(load, 0)] if count else []
-        for i in range(count):
-            result = upcoming.pop().result()
-            if i + 1 < count:
-                upcoming.append(reader.submit(load, i + 1))
-            yield result
-
-
 def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:
     """LATEST's config, tokenizer and other top-level files; not its weights, not pickles."""
     skipped = []
@@ -325,7 +327,11 @@ def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:
             continue
         shutil.copy2(path, tmp / path.name)
     if skipped:
-        log.info("not copied from %s: %s", latest.folder, ", ".join(skipped))
+        log.info(
+            "not copied from %s (pickles, other weights, folders): %s",
+            latest.folder,
+            ", ".join(skipped),
+        )
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -257,7 +257,7 @@ def check_alpha(alpha: float, allow_extrapolation: bool = False) -> float:
     if not allow_extrapolation and not 0.0 <= value <= 1.0:
         raise ValueError(
             f"alpha={value} is outside [0, 1] (alpha is the weight on the latest weights); "
-            "pass allow_extrapolation=True to extrapolate on purpose"
+            "pass allow_extrapolation=True (--allow-extrapolation) to extrapolate on purpose"
         )
     return value
 

