@@ -120,8 +120,10 @@ class WiSEFTCallback(Callback):
             processes (`grade_many`: None runs exact/numeric matching in this process and other
             graders in a pool with the timeout; 0: always in this process, no timeout).
         progress: show a progress bar while sampling (rank zero only).
-        num_examples_to_log: how many problems (the same ones at every evaluation, spread over
-            the list) show their first completion under every alpha in the sample table.
+        num_examples_to_log: how many problems (the same ones at every evaluation: the first of
+            each source in turn) show their first completion under every alpha in the sample
+            table (W&B: the whole table; TensorBoard: text per step; samples.jsonl beside
+            history.jsonl).
         print_samples: print that many rows of the sample table to the console per evaluation.
         save_generations: write every completion of every evaluation to
             `generations/step_{N}.jsonl` in the log folder (True), or in this folder.
