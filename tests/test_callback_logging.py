@@ -372,3 +372,28 @@ def test_wandb_offline_gets_the_whole_table_at_every_evaluation(tmp_path, monkey
     steps = [row[0] for row in last["data"]]
     assert steps == [1, 1, 2, 2, 2, 2, 4, 4, 4, 4]
     assert [[row[c] for c in COLUMNS] for row in callback.sample_table] == last["data"]
+
+
+def test_a_resumed_run_ends_with_the_same_sample_table(tmp_path):
+    """Fit 6 steps; fit again from the step-4 checkpoint with a fresh callback: the table (and
+    samples.jsonl) of the resumed run equal the straight run's."""
+
+    def run(folder, ckpt_path=None):
+        module = ToyModule(batch_size=None)  # one batch per epoch
+        callback = WiSEFTCallback(
+            toy_problems(4), module.tokenizer, snapshot_at=1, eval_every_n_steps=2,
+            alphas=(0.5,), num_examples_to_log=2, **FAST,
+        )  # fmt: skip
+        every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        trainer = trainer_for(
+            folder, [callback, every], max_steps=6, enable_checkpointing=True,
+            logger=CSVLogger(folder, name="logs"),
+        )  # fmt: skip
+        trainer.fit(module, ckpt_path=ckpt_path)
+        lines = (folder / "logs" / "version_0" / "samples.jsonl").read_text().splitlines()
+        return callback.sample_table, [json.loads(line) for line in lines]
+
+    straight, straight_file = run(tmp_path / "straight")
+    assert sorted({r["step"] for r in straight}) == [1, 2, 4, 6]
+    resumed, resumed_file = run(tmp_path / "resumed", tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
+    assert resumed == straight == straight_file == resumed_file
