@@ -136,7 +136,8 @@ class Announcer(Callback):
     """Prints the step after every optimizer step, so that a parent process can kill us mid-run."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        print(f"STEP {trainer.global_step}", flush=True)
+        if trainer.is_global_zero:
+            print(f"STEP {trainer.global_step}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

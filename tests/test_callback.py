@@ -124,7 +124,15 @@ def test_fit_snapshots_evaluates_logs_and_merges(tmp_path):
         save_merged_to=tmp_path / "merged",
         **FAST,
     )
-    trainer = trainer_for(tmp_path, [before, callback, after], accumulate_grad_batches=2)
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=12
+    )
+    trainer = trainer_for(
+        tmp_path,
+        [before, callback, after, checkpoints],
+        accumulate_grad_batches=2,
+        enable_checkpointing=True,
+    )
     trainer.fit(module)
 
     steps = [(r["step"], r["alpha"]) for r in callback.history]
@@ -141,8 +149,8 @@ def test_fit_snapshots_evaluates_logs_and_merges(tmp_path):
             assert_same(before.seen[step][0], after.seen[step][0])
             assert after.seen[step][1] is True
 
-    # the snapshot is the weights after step 3, on disk beside where checkpoints would go
-    snapshot_file = tmp_path / "wiseft-snapshot-step3.safetensors"
+    # the snapshot is the weights after step 3, on disk beside the checkpoints
+    snapshot_file = tmp_path / "ckpt" / "wiseft-snapshot-step3.safetensors"
     assert_same(Snapshot.load(snapshot_file).tensors, before.seen[3][0])
 
     # merged: the best alpha of the final evaluation (ties toward the larger alpha)
@@ -153,6 +161,13 @@ def test_fit_snapshots_evaluates_logs_and_merges(tmp_path):
     expected.load_state_dict(before.seen[-1][0], strict=False)
     interpolate_(expected, Snapshot.load(snapshot_file), callback.chosen_alpha)
     assert_same(weights(expected), weights(module.model))
+    # the last checkpoint (step 12) holds the unmerged weights and the full history
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    held = {n.removeprefix("model."): t for n, t in checkpoint["state_dict"].items()}
+    unmerged = before.seen[-1][0]
+    assert_same(held, {n: unmerged[n] for n in held})
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "WiSEFTCallback" in k]
+    assert state["history"] == callback.history
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert_same(weights(saved), weights(module.model))
     merge = json.loads((tmp_path / "merged" / "wiseft_merge.json").read_text())

@@ -53,18 +53,38 @@ def merged_reference(premerge: dict, snapshot: dict, alpha: float) -> dict[str, 
     return {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
-def test_sigkill_mid_run_then_resume_gives_the_same_merge_and_history(tmp_path):
-    run_toy(tmp_path / "straight")
+STRATEGIES = {"single": (), "ddp": ("--strategy", "ddp", "--devices", "2")}
 
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run per strategy, made once and shared by the tests of this module."""
+    runs: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in runs:
+            runs[strategy] = tmp_path_factory.mktemp(f"straight-{strategy}")
+            run_toy(runs[strategy], *STRATEGIES[strategy])
+        return runs[strategy]
+
+    return get
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp"])
+def test_sigkill_mid_run_then_resume_gives_the_same_merge_and_history(
+    tmp_path, straight_run, strategy
+):
+    straight = straight_run(strategy)
     killed = tmp_path / "killed"
-    command = [sys.executable, str(SCRIPT), "--out", str(killed)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+    command = [sys.executable, str(SCRIPT), "--out", str(killed), *STRATEGIES[strategy]]
+    process = subprocess.Popen(  # its own session: the kill takes every rank, like a lost node
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     assert process.stdout is not None
     for line in process.stdout:  # checkpoints at steps 3, 6, 9, 12; evaluations at 5, 10, 15
-        if line.strip() == "STEP 11":
-            os.kill(process.pid, signal.SIGKILL)
+        if "STEP 11" in line:
+            os.killpg(process.pid, signal.SIGKILL)
             break
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
@@ -72,22 +92,19 @@ def test_sigkill_mid_run_then_resume_gives_the_same_merge_and_history(tmp_path):
     lost = [json.loads(line) for line in (killed / "history.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in lost) == 10  # the killed run evaluated past its checkpoint
 
-    run_toy(killed, "--resume")
-    straight = json.loads((tmp_path / "straight" / "history.json").read_text())
+    run_toy(killed, "--resume", *STRATEGIES[strategy])
     resumed = json.loads((killed / "history.json").read_text())
-    assert resumed == straight
+    assert resumed == json.loads((straight / "history.json").read_text())
     assert [r["step"] for r in resumed["history"]] == [4, 5, 5, 10, 10, 15, 15, 16, 16]
-    assert (killed / "history.jsonl").read_text() == (
-        tmp_path / "straight" / "history.jsonl"
-    ).read_text()
-    assert_same(
-        load_file(killed / "final_rank0.safetensors"),
-        load_file(tmp_path / "straight" / "final_rank0.safetensors"),
-    )
+    assert (killed / "history.jsonl").read_text() == (straight / "history.jsonl").read_text()
+    ranks = (0, 1) if strategy == "ddp" else (0,)
+    for rank in ranks:
+        name = f"final_rank{rank}.safetensors"
+        assert_same(load_file(killed / name), load_file(straight / name))
 
 
-def test_ddp_two_processes_match_a_single_process_evaluation(tmp_path):
-    run_toy(tmp_path, "--strategy", "ddp", "--devices", "2")
+def test_ddp_two_processes_match_a_single_process_evaluation(straight_run):
+    tmp_path = straight_run("ddp")
     final = [load_file(tmp_path / f"final_rank{r}.safetensors") for r in (0, 1)]
     assert_same(final[0], final[1])  # merged on every rank
     summary = json.loads((tmp_path / "history.json").read_text())
