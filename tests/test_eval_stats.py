@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from wise_callback.evaluate import EvalConfig, ProblemResult, summarize, summarize_by_source
+from wise_callback.metrics import majority_at_k
 from wise_callback.stats import generation_health, standard_errors
 
 
@@ -22,7 +23,8 @@ def test_pass_at_k_standard_error_is_the_spread_of_per_problem_values():
     counts = rng.integers(0, n + 1, size=23)
     correct = [[j < c for j in range(n)] for c in counts]
     answers = [["right" if ok else f"wrong{j % 3}" for j, ok in enumerate(row)] for row in correct]
-    errors = standard_errors(counts, answers, correct, ks)
+    majority = majority_at_k(answers, correct, list(ks))
+    errors = standard_errors([n] * len(counts), counts, majority, ks)
     for k in ks:
         values = [chen_pass_at_k(n, int(c), k) for c in counts]
         expected = statistics.stdev(values) / math.sqrt(len(values))
@@ -33,7 +35,8 @@ def test_pass_at_k_standard_error_is_the_spread_of_per_problem_values():
 
 
 def test_one_problem_has_no_standard_error():
-    errors = standard_errors([2], [["a", "a", "b", "b"]], [[True, True, False, False]], (1, 4))
+    majority = majority_at_k([["a", "a", "b", "b"]], [[True, True, False, False]], [1, 4])
+    errors = standard_errors([4], [2], majority, (1, 4))
     assert errors == {"pass@1_se": None, "maj@1_se": None, "pass@4_se": None, "maj@4_se": None}
 
 

@@ -249,7 +249,7 @@ def summarize(problems: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str,
     )
     metrics.update(stats.scalars())
     metrics.update(answer_diversity(answers).scalars())
-    metrics.update(standard_errors(c, answers, [p.correct for p in problems], ks))
+    metrics.update(standard_errors(n, c, majority, ks))
     metrics.update(
         generation_health([p.finish_reasons for p in problems], [p.num_tokens for p in problems])
     )

@@ -17,11 +17,11 @@ Imports nothing of ours but the metrics.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from wise_callback.metrics import majority_at_k, pass_at_k
+from wise_callback.metrics import pass_at_k
 
 
 def standard_error(values: np.ndarray) -> float | None:
@@ -32,22 +32,23 @@ def standard_error(values: np.ndarray) -> float | None:
 
 
 def standard_errors(
+    num_samples: Sequence[int] | np.ndarray,
     num_correct: Sequence[int] | np.ndarray,
-    answers: Sequence[Sequence[Hashable | None]],
-    correct: Sequence[Sequence[bool]],
+    majority: np.ndarray,
     ks: Sequence[int],
 ) -> dict[str, float | None]:
     """{"pass@k_se", "maj@k_se"} for every k: standard errors over problems of Pass@k and Maj@k.
 
-    The key convention "<metric>_se" is what the report draws as a band around "<metric>".
+    `majority` is the per-problem Maj@k table of `majority_at_k(answers, correct, ks)`, shape
+    (problems, len(ks)), which the caller has already computed for the means. The key convention
+    "<metric>_se" is what the report draws as a band around "<metric>".
     """
-    n = np.array([len(c) for c in correct])
-    per_pass = pass_at_k(n[:, None], np.asarray(num_correct)[:, None], np.asarray(ks)[None, :])
-    per_majority = majority_at_k(answers, correct, list(ks))
+    n = np.asarray(num_samples)[:, None]
+    per_pass = pass_at_k(n, np.asarray(num_correct)[:, None], np.asarray(ks)[None, :])
     errors: dict[str, float | None] = {}
     for j, k in enumerate(ks):
         errors[f"pass@{k}_se"] = standard_error(per_pass[:, j])
-        errors[f"maj@{k}_se"] = standard_error(per_majority[:, j])
+        errors[f"maj@{k}_se"] = standard_error(majority[:, j])
     return errors
 
 
