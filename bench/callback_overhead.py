@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -62,18 +63,21 @@ def fit(train, heldout, steps: int, with_callback: bool) -> tuple[float, list[di
         wiseft = WiSEFTCallback(heldout, tokenizer, grader=exact_match, progress=False)
         times = EvaluationTimes(wiseft)
         callbacks = [wiseft, times]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, data)
-    return time.perf_counter() - start, times.timings if times else []
+    with tempfile.TemporaryDirectory() as folder:  # the snapshot and history.jsonl go here
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=folder,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, data)
+        seconds = time.perf_counter() - start
+    return seconds, times.timings if times else []
 
 
 def snapshot_vs_copy(repeats: int = 10) -> tuple[float, float, int]:
