@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,11 @@ class WiSEFTCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the model, build the sampler, resolve snapshot_at, reload a resumed snapshot."""
         self._model = self._resolve_model(pl_module)
+        if self.save_merged_to is not None and not hasattr(self._model, "save_pretrained"):
+            raise TypeError(
+                f"save_merged_to needs a model with save_pretrained; {type(self._model).__name__} "
+                "has none"
+            )
         self._sampler = self._build_sampler(self._model)
         self._snapshot_step = self._resolve_snapshot_step(trainer)
         if self._snapshot_file is not None and self.snapshot is None:
@@ -557,10 +563,7 @@ class WiSEFTCallback(Callback):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
-            save_pretrained = getattr(self._model, "save_pretrained", None)
-            if save_pretrained is None:
-                raise TypeError(f"{type(self._model).__name__} has no save_pretrained")
-            save_pretrained(staging, state_dict=state_dict)
+            self._model.save_pretrained(staging, state_dict=state_dict)  # type: ignore[operator]
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(staging)
             merge_info = {
@@ -585,7 +588,7 @@ class WiSEFTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(r) for r in self.history],
-            "collapse": self._collapse.as_dict(),
+            "collapse": asdict(self._collapse),
             "last_eval_step": self._last_eval_step,
             "snapshot_file": self._snapshot_file,
             "snapshot_saved_in": self._snapshot_saved_in,
@@ -601,20 +604,16 @@ class WiSEFTCallback(Callback):
         self.snapshot = None  # reloaded from its file in on_train_start
 
 
+@dataclass
 class _CollapseState:
     """Best Pass@k (largest k) of the current weights so far, and the run of evaluations since
     that are at least `min_drop` below it while Pass@1 is not below its value at the best."""
 
-    def __init__(
-        self,
-        best: float | None = None,
-        best_step: int | None = None,
-        best_pass1: float | None = None,
-        streak: int = 0,
-        fired: bool = False,
-    ) -> None:
-        self.best, self.best_step, self.best_pass1 = best, best_step, best_pass1
-        self.streak, self.fired = streak, fired
+    best: float | None = None
+    best_step: int | None = None
+    best_pass1: float | None = None
+    streak: int = 0
+    fired: bool = False
 
     def update(self, step: int, pass_k: float, pass1: float, min_drop: float) -> None:
         """Take one evaluation of the current weights (pass1 = its Pass@1 = mean rho)."""
@@ -624,9 +623,6 @@ class _CollapseState:
             self.streak += 1
         else:
             self.streak = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 def _read_problems(problems: Any) -> list[dict[str, Any]]:
