@@ -54,13 +54,14 @@ from wise_callback.evaluate import (
     check_problems,
     evaluate,
     is_sharded,
+    read_problems,
 )
 from wise_callback.grading import Grader, exact_match
-from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
+from wise_callback.sampling import HFSampler, Sampler, SamplingConfig
+from wise_callback.sampling.factory import SAMPLER_NAMES, make_sampler
 from wise_callback.weights import Snapshot, check_alpha, interpolate_, named_float_tensors
 
 ON_COLLAPSE = ("warn", "stop")
-SAMPLERS = ("hf", "vllm")
 EARLY = 0.0
 """The snapshot's own evaluation is recorded as alpha = 0 (all weight on the early checkpoint)."""
 
@@ -197,8 +198,10 @@ class WiSEFTCallback(Callback):
                 )
             final_alpha = check_alpha(final_alpha)
         self.final_alpha = final_alpha
-        if isinstance(sampler, str) and sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS} or a Sampler, got {sampler!r}")
+        if isinstance(sampler, str) and sampler not in SAMPLER_NAMES:
+            raise ValueError(
+                f"sampler must be one of {SAMPLER_NAMES} or a Sampler, got {sampler!r}"
+            )
         if not isinstance(sampler, str) and not isinstance(sampler, Sampler):
             raise TypeError(f"sampler {sampler!r} lacks sample() and load_weights()")
         if sampler == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -262,7 +265,9 @@ class WiSEFTCallback(Callback):
                 f"save_merged_to needs a model with save_pretrained; {type(self._model).__name__} "
                 "has none"
             )
-        self._sampler = self._build_sampler(self._model)
+        self._sampler = make_sampler(
+            self.sampler_spec, self._model, self.tokenizer, self.sampler_options
+        )
         self._snapshot_step = self._resolve_snapshot_step(trainer)
         if self._snapshot_file is not None and self.snapshot is None:
             self.snapshot = self._load_snapshot(trainer)
@@ -298,14 +303,6 @@ class WiSEFTCallback(Callback):
                 "Hugging Face model inside your LightningModule"
             )
         return model
-
-    def _build_sampler(self, model: torch.nn.Module) -> Sampler:
-        if not isinstance(self.sampler_spec, str):
-            return self.sampler_spec
-        if self.sampler_spec == "hf":
-            options = {"progress": False, **self.sampler_options}  # evaluate() shows the bar
-            return HFSampler(model, self.tokenizer, **options)
-        return VLLMSampler(model, self.tokenizer, **self.sampler_options)
 
     def _resolve_snapshot_step(self, trainer: pl.Trainer) -> int:
         planned = trainer.estimated_stepping_batches
@@ -539,6 +536,11 @@ class WiSEFTCallback(Callback):
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
+    @property
+    def collapse_detected(self) -> bool:
+        """Whether the collapse early warning has fired in this run (it fires at most once)."""
+        return self._collapse.fired
+
     def history_path(self, trainer: pl.Trainer) -> Path:
         """`history.jsonl` in the trainer's log folder (`default_root_dir` without a logger)."""
         return Path(trainer.log_dir or trainer.default_root_dir) / "history.jsonl"
@@ -628,11 +630,7 @@ class _CollapseState:
 def _read_problems(problems: Any) -> list[dict[str, Any]]:
     """Problems from a list/Dataset, or from a JSONL file path."""
     if isinstance(problems, (str, os.PathLike)):
-        path = Path(problems)
-        if not path.is_file():
-            raise FileNotFoundError(f"problems file not found: {path}")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        problems = [json.loads(line) for line in lines]
+        return read_problems(problems)
     return check_problems(problems)
 
 
