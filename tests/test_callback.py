@@ -323,7 +323,7 @@ def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
     assert trainer.global_step < 200  # stopped
     current = [r for r in callback.history if r["alpha"] in (0.0, 1.0)]
     last, state = current[-1], callback._collapse
-    assert last["step"] == trainer.global_step and state.fired
+    assert last["step"] == trainer.global_step and state.fired and callback.collapse_detected
     assert state.best == max(r["pass@16"] for r in current) >= last["pass@16"] + 0.1
     assert last["pass@1"] >= state.best_pass1
     assert trainer.callback_metrics["wiseft/collapse"] == 1

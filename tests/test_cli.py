@@ -6,9 +6,8 @@ import pytest
 
 from wise_callback.cli import main
 from wise_callback.demo.model import tiny_llama
-from wise_callback.evaluate import EvalConfig, evaluate
+from wise_callback.evaluate import EvalConfig, evaluate, read_problems
 from wise_callback.grading import exact_match
-from wise_callback.offline import read_problems
 from wise_callback.sampling import HFSampler, SamplingConfig
 
 

@@ -37,6 +37,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from wise_callback.evaluate import (
     check_problems,
     evaluate,
     is_sharded,
+    read_problems,
 )
 from wise_callback.generations import (
     format_samples,
@@ -64,11 +66,11 @@ from wise_callback.generations import (
     write_jsonl,
 )
 from wise_callback.grading import Grader, exact_match
-from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
+from wise_callback.sampling import HFSampler, Sampler, SamplingConfig
+from wise_callback.sampling.factory import SAMPLER_NAMES, make_sampler
 from wise_callback.weights import Snapshot, check_alpha, interpolate_, named_float_tensors
 
 ON_COLLAPSE = ("warn", "stop")
-SAMPLERS = ("hf", "vllm")
 EARLY = 0.0
 """The snapshot's own evaluation is recorded as alpha = 0 (all weight on the early checkpoint)."""
 
@@ -227,8 +229,10 @@ class WiSEFTCallback(Callback):
                 )
             final_alpha = check_alpha(final_alpha)
         self.final_alpha = final_alpha
-        if isinstance(sampler, str) and sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS} or a Sampler, got {sampler!r}")
+        if isinstance(sampler, str) and sampler not in SAMPLER_NAMES:
+            raise ValueError(
+                f"sampler must be one of {SAMPLER_NAMES} or a Sampler, got {sampler!r}"
+            )
         if not isinstance(sampler, str) and not isinstance(sampler, Sampler):
             raise TypeError(f"sampler {sampler!r} lacks sample() and load_weights()")
         if sampler == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -310,7 +314,14 @@ class WiSEFTCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the model, build the sampler, resolve snapshot_at, reload a resumed snapshot."""
         self._model = self._resolve_model(pl_module)
-        self._sampler = self._build_sampler(self._model)
+        if self.save_merged_to is not None and not hasattr(self._model, "save_pretrained"):
+            raise TypeError(
+                f"save_merged_to needs a model with save_pretrained; {type(self._model).__name__} "
+                "has none"
+            )
+        self._sampler = make_sampler(
+            self.sampler_spec, self._model, self.tokenizer, self.sampler_options
+        )
         self._snapshot_step = self._resolve_snapshot_step(trainer)
         if self._snapshot_file is not None and self.snapshot is None:
             self.snapshot = self._load_snapshot(trainer)
@@ -349,14 +360,6 @@ class WiSEFTCallback(Callback):
                 "Hugging Face model inside your LightningModule"
             )
         return model
-
-    def _build_sampler(self, model: torch.nn.Module) -> Sampler:
-        if not isinstance(self.sampler_spec, str):
-            return self.sampler_spec
-        if self.sampler_spec == "hf":
-            options = {"progress": False, **self.sampler_options}  # evaluate() shows the bar
-            return HFSampler(model, self.tokenizer, **options)
-        return VLLMSampler(model, self.tokenizer, **self.sampler_options)
 
     def _resolve_snapshot_step(self, trainer: pl.Trainer) -> int:
         planned = trainer.estimated_stepping_batches
@@ -630,6 +633,11 @@ class WiSEFTCallback(Callback):
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
+    @property
+    def collapse_detected(self) -> bool:
+        """Whether the collapse early warning has fired in this run (it fires at most once)."""
+        return self._collapse.fired
+
     def history_path(self, trainer: pl.Trainer) -> Path:
         """`history.jsonl` in the trainer's log folder (`default_root_dir` without a logger)."""
         return Path(trainer.log_dir or trainer.default_root_dir) / "history.jsonl"
@@ -660,10 +668,7 @@ class WiSEFTCallback(Callback):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
-            save_pretrained = getattr(self._model, "save_pretrained", None)
-            if save_pretrained is None:
-                raise TypeError(f"{type(self._model).__name__} has no save_pretrained")
-            save_pretrained(staging, state_dict=state_dict)
+            self._model.save_pretrained(staging, state_dict=state_dict)  # type: ignore[operator]
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(staging)
             merge_info = {
@@ -688,7 +693,7 @@ class WiSEFTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(r) for r in self.history],
-            "collapse": self._collapse.as_dict(),
+            "collapse": asdict(self._collapse),
             "last_eval_step": self._last_eval_step,
             "snapshot_file": self._snapshot_file,
             "snapshot_saved_in": self._snapshot_saved_in,
@@ -706,20 +711,16 @@ class WiSEFTCallback(Callback):
         self.snapshot = None  # reloaded from its file in on_train_start
 
 
+@dataclass
 class _CollapseState:
     """Best Pass@k (largest k) of the current weights so far, and the run of evaluations since
     that are at least `min_drop` below it while Pass@1 is not below its value at the best."""
 
-    def __init__(
-        self,
-        best: float | None = None,
-        best_step: int | None = None,
-        best_pass1: float | None = None,
-        streak: int = 0,
-        fired: bool = False,
-    ) -> None:
-        self.best, self.best_step, self.best_pass1 = best, best_step, best_pass1
-        self.streak, self.fired = streak, fired
+    best: float | None = None
+    best_step: int | None = None
+    best_pass1: float | None = None
+    streak: int = 0
+    fired: bool = False
 
     def update(self, step: int, pass_k: float, pass1: float, min_drop: float) -> None:
         """Take one evaluation of the current weights (pass1 = its Pass@1 = mean rho)."""
@@ -729,9 +730,6 @@ class _CollapseState:
             self.streak += 1
         else:
             self.streak = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 def _read_problems(problems: Any) -> list[dict[str, Any]]:
@@ -751,11 +749,7 @@ def _read_problems(problems: Any) -> list[dict[str, Any]]:
         ]
         return [problem for _, _, problem in sorted(placed, key=lambda item: item[:2])]
     if isinstance(problems, (str, os.PathLike)):
-        path = Path(problems)
-        if not path.is_file():
-            raise FileNotFoundError(f"problems file not found: {path}")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        problems = [json.loads(line) for line in lines]
+        return read_problems(problems)
     return check_problems(problems)
 
 

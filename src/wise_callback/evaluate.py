@@ -25,11 +25,14 @@ are saved and restored around sampling, so evaluating never changes the training
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,6 +173,22 @@ def check_problems(problems: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
             raise ValueError(f"problem {index}: answer must be a str or a number, got {answer!r}")
         checked.append({**row, "answer": str(answer)})
     return checked
+
+
+def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Problems from a JSONL file, one {"prompt", "answer", ...} object per line, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"problems file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from None
+    return check_problems(rows)
 
 
 def evaluation_seed(base: int, step: int | None) -> int:

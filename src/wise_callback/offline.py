@@ -8,32 +8,14 @@ always evaluated next to the grid.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from wise_callback.evaluate import EvalConfig, Evaluation, check_alphas, check_problems, evaluate
 from wise_callback.grading import Grader
 from wise_callback.sampling.factory import make_sampler
 from wise_callback.weights import Snapshot
-
-
-def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Problems from a JSONL file, one {"prompt", "answer", ...} object per line, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"problems file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from None
-    return check_problems(rows)
 
 
 def evaluate_checkpoints(

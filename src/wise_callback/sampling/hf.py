@@ -4,8 +4,8 @@ Why not `model.generate(num_return_sequences=n)`: it copies each prompt n times 
 prefill, so a 1024-token prompt is prefilled n times. Here each batch of prompts is prefilled once
 (left-padded, last-position logits only) into a `StaticCache` sized for the whole completion, then
 the cache and the last logits are repeated n times (`repeat_interleave` on the batch) and decoding
-writes into it in place on the B*n rows, dropping rows as they finish. No prompt token is
-processed twice.
+writes into it in place on the B*n rows, dropping finished rows in bulk (a drop copies the cache).
+No prompt token is processed twice. Needs transformers' layered caches (5.x; tested on 5.19).
 
 Determinism: each prompt draws from its own `torch.Generator`, seeded from `config.seed` and the
 prompt's token ids, and only for its unfinished rows. So a prompt's samples depend on the seed,
@@ -183,9 +183,10 @@ class HFSampler:
                     done[row] = True
             if step == config.max_new_tokens - 1 or not self._any_live(done, lockstep):
                 break
-            if not lockstep:  # drop finished rows; FSDP ranks keep shapes simple and step anyway
+            if not lockstep:  # FSDP ranks step on with finished rows (their tokens unused)
                 keep = (~done[live.cpu()]).nonzero()[:, 0].to(device)
-                if len(keep) < len(live):
+                # Dropping finished rows copies the cache: do it once a quarter of them are done.
+                if len(keep) <= 0.75 * len(live):
                     _map_rows(cache, lambda t, keep=keep: t[keep])
                     live, next_ids, mask, position = (
                         t[keep] for t in (live, next_ids, mask, position)
