@@ -2,10 +2,14 @@
 
     python -m wise_callback.demo.pretrain --out src/wise_callback/demo/base.safetensors
 
-The base must already hold most of the skill (it solves many 3-step chains when sampled) without
-having saturated it: SFT on a small fixed set then raises Pass@1 while Pass@k collapses. A weaker
-base only memorises the SFT set; a stronger one leaves no room. The architecture and the run that
-made the shipped weights are recorded next to them in ``base_config.json``.
+The base must hold part of the skill without having saturated it: SFT on a small fixed set then
+raises Pass@1 while Pass@k collapses. This model learns the task in a sharp transition (with these
+defaults the loss falls from ~0.8 at step 1000 to ~0.15 at step 1600); the shipped base stops in
+the middle of it, at step 1300 (3-step chains: greedy accuracy ~0.34, sampled Pass@1 ~0.19,
+Pass@32 ~0.9). A base from step 1100 only half-learns during SFT (Pass@1 ends ~0.4), one from
+step 1400 on finishes the transition during SFT and leaves no room (Pass@32 stays ~1). The
+architecture and the run that made the shipped weights are recorded in ``base_config.json``.
+Training is deterministic on one thread: the same arguments give bit-identical weights here.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ MODEL_KWARGS: dict[str, int] = {
 }
 PRETRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "steps": 2000,
+    "steps": 1300,
     "lr": 1e-3,
-    "batch_size": 64,
+    "warmup_steps": 100,
+    "final_lr_ratio": 1.0,
+    "batch_size": 128,
     "min_ops": 1,
     "max_ops": 3,
 }
@@ -62,6 +68,8 @@ def pretrain(
     seed: int,
     steps: int,
     lr: float,
+    warmup_steps: int,
+    final_lr_ratio: float,
     batch_size: int,
     min_ops: int,
     max_ops: int,
@@ -75,7 +83,7 @@ def pretrain(
 
     tokenizer = char_tokenizer()
     model = tiny_llama(len(tokenizer), seed=seed, tokenizer=tokenizer, **MODEL_KWARGS)
-    module = ChainSFTModule(model, lr=lr)
+    module = ChainSFTModule(model, lr=lr, warmup_steps=warmup_steps, final_lr_ratio=final_lr_ratio)
     data = ChainDataModule(tokenizer, problem_stream(seed, min_ops, max_ops), batch_size)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -94,10 +102,12 @@ def pretrain(
             "seed": seed,
             "steps": steps,
             "lr": lr,
+            "warmup_steps": warmup_steps,
+            "final_lr_ratio": final_lr_ratio,
             "batch_size": batch_size,
             "min_ops": min_ops,
             "max_ops": max_ops,
-            "optimizer": "AdamW, constant lr, weight_decay 0",
+            "optimizer": "AdamW, weight_decay 0, linear warmup then cosine to final_lr_ratio",
             "wall_s": round(time.perf_counter() - wall, 1),
             "cpu_s": round(time.process_time() - cpu, 1),
             "torch_threads": torch.get_num_threads(),
@@ -135,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         steps=args.steps,
         lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        final_lr_ratio=args.final_lr_ratio,
         batch_size=args.batch_size,
         min_ops=args.min_ops,
         max_ops=args.max_ops,

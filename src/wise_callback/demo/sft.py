@@ -8,8 +8,10 @@ training matches what they feed the model at evaluation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
@@ -50,17 +52,35 @@ def completion_loss(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -
 
 
 class ChainSFTModule(L.LightningModule):
-    """SFT of a causal LM (kept at ``self.model``) with AdamW at a constant learning rate."""
+    """SFT of a causal LM (kept at ``self.model``) with AdamW.
 
-    def __init__(self, model: PreTrainedModel, lr: float = 3e-4, weight_decay: float = 0.0):
+    The learning rate warms up linearly over `warmup_steps`, then follows a cosine from `lr` down
+    to ``lr * final_lr_ratio`` at ``trainer.max_steps``; the default (no warmup, ratio 1) is a
+    constant `lr`, which is what the demo's SFT uses.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        final_lr_ratio: float = 1.0,
+    ):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= final_lr_ratio <= 1:
+            raise ValueError(f"final_lr_ratio must be in [0, 1], got {final_lr_ratio}")
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.final_lr_ratio = final_lr_ratio
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -69,10 +89,31 @@ class ChainSFTModule(L.LightningModule):
         return loss
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
+        if self.warmup_steps == 0 and self.final_lr_ratio == 1:
+            return optimizer
+        if self.trainer.max_steps < 1:
+            raise ValueError("a learning-rate schedule needs Trainer(max_steps=...)")
+        schedule = partial(
+            _warmup_cosine, self.warmup_steps, self.trainer.max_steps, self.final_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def _warmup_cosine(warmup: int, total: int, final_ratio: float, index: int) -> float:
+    """The lr factor of optimizer step `index` (0-based): linear warmup, then cosine decay."""
+    step = index + 1
+    if step <= warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class ChainDataModule(L.LightningDataModule):

@@ -80,18 +80,31 @@ def problem_stream(seed: int, min_ops: int = 1, max_ops: int = 3) -> Iterator[di
 def make_splits(
     seed: int, num_train: int, num_heldout: int, num_ops: int = 3
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Disjoint train and held-out sets of distinct `num_ops`-step chains, fixed by `seed`."""
+    """Disjoint train and held-out sets of distinct `num_ops`-step chains, fixed by `seed`.
+
+    The two sets come from separate seeded streams (train skips held-out prompts), so the held-out
+    set depends only on `seed` and `num_heldout`, and a smaller one is a prefix of a larger one.
+    """
     if num_train < 0 or num_heldout < 0:
         raise ValueError(f"sizes must be >= 0, got {num_train}, {num_heldout}")
-    rng = random.Random(f"wise-ft-demo-splits-{seed}")
-    seen: set[str] = set()
+    heldout = _distinct(random.Random(f"wise-ft-demo-heldout-{seed}"), num_ops, num_heldout, set())
+    taken = {problem["prompt"] for problem in heldout}
+    train = _distinct(random.Random(f"wise-ft-demo-train-{seed}"), num_ops, num_train, taken)
+    return train, heldout
+
+
+def _distinct(
+    rng: random.Random, num_ops: int, count: int, taken: set[str]
+) -> list[dict[str, str]]:
+    """`count` problems with prompts distinct from each other and from `taken`."""
+    seen = set(taken)
     problems: list[dict[str, str]] = []
-    while len(problems) < num_train + num_heldout:
+    while len(problems) < count:
         problem = make_problem(rng, num_ops)
         if problem["prompt"] not in seen:
             seen.add(problem["prompt"])
             problems.append(problem)
-    return problems[:num_train], problems[num_train:]
+    return problems
 
 
 def _two_digits(text: str, prompt: str) -> int:
