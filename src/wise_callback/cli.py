@@ -209,13 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_our_log_messages() -> None:
+    """Print wise_callback's INFO messages plainly, on our logger alone: a root handler would
+    print Lightning's messages a second time (Lightning has its own handler)."""
+    logger = logging.getLogger("wise_callback")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `wise-ft`; user errors (bad paths, mismatched checkpoints, bad alpha) exit with 2 and
     one clear line instead of a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("wise_callback").setLevel(logging.INFO)
+    _show_our_log_messages()
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
