@@ -25,7 +25,7 @@ from wise_callback.demo.pretrain import load_base_model
 from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
 from wise_callback.demo.task import make_splits
 from wise_callback.grading import exact_match
-from wise_callback.report import format_table, plot_history, table_rows
+from wise_callback.report import format_table, ks_of, plot_history, table_rows
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def run_demo(
 def _headline(history: list[dict[str, Any]], chosen_alpha: float | None) -> dict[str, Any]:
     """The numbers the README reports: Pass@k (largest k) at the end vs its best earlier value,
     Pass@1 early vs end, and the chosen WiSE-FT vs the final weights on both."""
-    k = max(int(key.split("@")[1]) for key in history[0] if key.startswith("pass@"))
+    k = max(ks_of(history[:1]))  # pass@k keys only (not pass@k_se)
     top = f"pass@{k}"
     current = [r for r in history if r["alpha"] in (0.0, 1.0)]
     early, final = current[0], current[-1]
