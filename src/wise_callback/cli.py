@@ -111,6 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from wise_callback import grading
     from wise_callback.evaluate import EvalConfig, read_problems
+    from wise_callback.files import write_text_atomically
     from wise_callback.offline import evaluate_checkpoints
     from wise_callback.report import format_table
     from wise_callback.sampling import SamplingConfig
@@ -136,7 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(records))
     if args.out:
         text = json.dumps({"records": records, "timings": evaluation.timings}, indent=2)
-        _write_text_atomically(args.out, text + "\n")
+        write_text_atomically(args.out, text + "\n")
     return 0
 
 
@@ -156,21 +157,6 @@ def _plot(args: argparse.Namespace) -> int:
     print(format_table(records))
     print(f"wrote {out}")
     return 0
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    import os
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".wise-ft-")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 COMMANDS: dict[str, Command] = {

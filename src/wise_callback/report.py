@@ -12,12 +12,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from wise_callback.files import write_atomically
 
 EARLY, CURRENT = 0.0, 1.0
 _AT_K = re.compile(r"^(pass|maj)@(\d+)$")
@@ -162,7 +163,9 @@ def plot_history(
     histogram.set(xlabel="rho = fraction of a problem's samples that are correct")
     histogram.set(ylabel="problems", title="where problems sit (collapse: mass at 0 and 1)")
     histogram.legend(fontsize=8)
-    return _save_atomically(figure, Path(out_path))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(out_path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
 def _line(
@@ -175,16 +178,3 @@ def _line(
         low = [v - e for v, e in zip(values, errors, strict=True)]
         high = [v + e for v, e in zip(values, errors, strict=True)]
         axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-
-
-def _save_atomically(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=110)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

@@ -6,7 +6,7 @@ Tensors are paired by *name* (never by position): every floating-point parameter
 module, frozen ones included, tied weights once. Under FSDP2 (DTensor parameters) only the local
 shards are touched: interpolation is elementwise, so no rank needs another rank's data.
 
-This module imports nothing else of the project.
+It imports nothing else of the project but the leaf `files` module (atomic writes).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,8 @@ from typing import Any, TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from wise_callback.files import write_atomically
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -132,16 +133,7 @@ class Snapshot:
             "tensors": json.dumps(manifest),
         }
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Snapshot:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from wise_callback.demo.model import char_tokenizer, tiny_llama
+from wise_callback.files import write_atomically, write_text_atomically
 
 HERE = Path(__file__).parent
 BASE_WEIGHTS = HERE / "base.safetensors"
@@ -116,16 +117,10 @@ def pretrain(
         },
     }
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomically(out, lambda path: save_file(state, str(path)))
+    write_atomically(out, lambda path: save_file(state, str(path)))
     config = out.with_name(BASE_CONFIG.name)
-    _write_atomically(config, lambda path: path.write_text(json.dumps(record, indent=2) + "\n"))
+    write_text_atomically(config, json.dumps(record, indent=2) + "\n")
     return record
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from wise_callback.demo.model import char_tokenizer
 from wise_callback.demo.pretrain import load_base_model
 from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
 from wise_callback.demo.task import make_splits
+from wise_callback.files import write_text_atomically
 from wise_callback.grading import exact_match
 from wise_callback.report import format_table, ks_of, plot_history, table_rows
 
@@ -119,7 +120,7 @@ def run_demo(
     elapsed = time.perf_counter() - start
 
     history = callback.history
-    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    write_text_atomically(out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     plot_history(history, out / "report.png", chosen_alpha=callback.chosen_alpha)
     summary = {
         "seed": seed,
@@ -131,7 +132,7 @@ def run_demo(
         "rows": table_rows(history),
         **_headline(history, callback.chosen_alpha),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if progress:
         print(format_table(history))
         print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "settings")}))
