@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 from wise_callback.evaluate import Evaluation
+from wise_callback.files import write_text_atomically
 
 TABLE_KEY = "wiseft/samples"
 COLUMNS = (
@@ -133,14 +133,7 @@ def write_generations(
 def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line, replacing `path` atomically (a crash leaves the old file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, "".join(json.dumps(line) + "\n" for line in lines))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
