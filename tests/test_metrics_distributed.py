@@ -66,6 +66,7 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(metric_values(RANK_PARTS[rank], partial_parts), f)
     finally:
+        dist.barrier()  # no rank tears gloo down while its peer still talks
         dist.destroy_process_group()
 
 

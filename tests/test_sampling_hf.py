@@ -221,6 +221,7 @@ def _fsdp_worker(rank: int, port: int, prompts_per_rank, configs, results) -> No
         uneven = sampler.sample(PROMPTS[:2] if rank == 0 else [], 2, configs[1])
         results[rank] = [*out, [[c.token_ids for c in cs] for cs in uneven]]
     finally:
+        torch.distributed.barrier()  # no rank tears gloo down while its peer still talks
         torch.distributed.destroy_process_group()
 
 

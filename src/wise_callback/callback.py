@@ -57,6 +57,7 @@ from wise_callback.evaluate import (
     is_sharded,
     read_problems,
 )
+from wise_callback.files import write_text_atomically
 from wise_callback.generations import (
     format_samples,
     log_sample_table,
@@ -650,7 +651,7 @@ class WiSEFTCallback(Callback):
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(record) + "\n" for record in self.history)
-        _atomic_write_text(path, text)
+        write_text_atomically(path, text)
 
     def _write_samples(self, trainer: pl.Trainer) -> None:
         """samples.jsonl beside history.jsonl: every row of the sample table (rank zero)."""
@@ -839,14 +840,3 @@ def _full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
