@@ -14,22 +14,12 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForCausalLM
 
 from callback_toy import ToyModule, toy_problems
+from helpers import assert_same, weights
 from wise_callback import Snapshot, WiSEFTCallback, interpolate_
 from wise_callback.grading import exact_match
 from wise_callback.sampling import HFSampler
 
 FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
-
-
-def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer (non-persistent ones too, as a snapshot holds them)."""
-    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 class Bracket(Callback):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from callback_toy import ToyModule, toy_callback
+from helpers import assert_same
 from wise_callback import Snapshot, interpolate_
 from wise_callback.evaluate import evaluate
 from wise_callback.sampling import HFSampler
@@ -31,12 +32,6 @@ def run_toy(out: Path, *args: str, timeout: float = 240) -> None:
     command = [sys.executable, str(SCRIPT), "--out", str(out), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def saved_merged(out: Path) -> dict[str, torch.Tensor]:

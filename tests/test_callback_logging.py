@@ -18,21 +18,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callback_toy import EVAL_PAIRS, ToyModule, toy_problems
+from helpers import assert_same, weights
 from wise_callback import WiSEFTCallback
 from wise_callback.generations import COLUMNS
 from wise_callback.sampling import HFSampler
 
 FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
-
-
-def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 class Bracket(Callback):

@@ -10,21 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from helpers import reference_greedy
 from wise_callback.demo.model import char_tokenizer, tiny_llama
 from wise_callback.sampling import Completion, HFSampler, Sampler, SamplingConfig
 from wise_callback.weights import Snapshot, interpolated
 
 PROMPTS = ["a", "The sum of 3 and 4 is", "xyz 12", "Question: what is 7*6?"]
-
-
-def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    """What transformers' own generate does with the model, one unpadded prompt at a time."""
-    ids = tokenizer(prompt)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, top_k=None
-        )
-    return out[0, len(ids) :].tolist()
 
 
 def perturbed(model):

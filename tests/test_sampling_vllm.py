@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from helpers import reference_greedy
 from wise_callback.demo.model import char_tokenizer, tiny_llama
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
 from wise_callback.weights import Snapshot, interpolate_, interpolated
@@ -37,15 +38,6 @@ def fresh_weights(model):
     """Every test starts from the seed-0 weights (some tests move them)."""
     reference = tiny_llama(model.config.vocab_size, seed=0)
     model.load_state_dict(reference.state_dict())
-
-
-def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    ids = tokenizer(prompt)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, top_k=None
-        )
-    return out[0, len(ids) :].tolist()
 
 
 def early_checkpoint(model) -> Snapshot:
