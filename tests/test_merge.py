@@ -196,6 +196,8 @@ def test_interrupted_merge_leaves_no_output(tmp_path, tokenizer, sig):
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             stderr=subprocess.PIPE,
             text=True,
+            # a shell that starts CI in the background ignores SIGINT, and children inherit that
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while not any(tmp_path.glob(".out.tmp-*/model-*.safetensors")):  # it is writing shards
