@@ -6,8 +6,9 @@ import pytest
 
 from wise_callback.cli import main
 from wise_callback.demo.model import tiny_llama
-from wise_callback.evaluate import EvalConfig, evaluate, read_problems
+from wise_callback.evaluate import EvalConfig, evaluate
 from wise_callback.grading import exact_match
+from wise_callback.problems import read_problems
 from wise_callback.sampling import HFSampler, SamplingConfig
 
 
