@@ -3,25 +3,8 @@ sampling: `check_problems`, a seeded `subset_problems` and `format_prompts` (cha
 
 `load_problems` reads a list of dicts, a JSONL / JSON / parquet file, a `datasets.Dataset`, a
 `datasets.DatasetDict` (with `split=`) or a mapping {source name: any of these}, and recognises the
-common layouts by their columns (the first that fits wins):
-
-    layout          columns                        prompt      reference ("answer")
-    prompt_answer   prompt, answer (ours)          prompt      answer, as it is
-    verl            prompt, reward_model           prompt      reward_model["ground_truth"]
-    gsm8k           question, answer               question    answer after the last "####",
-                                                               commas removed (the worked
-                                                               solution is kept as "solution")
-    aime            problem, answer, id or year,   problem     answer
-                    every answer an int 0..999
-    math            problem, answer                problem     answer
-    math            problem, solution              problem     the last \\boxed{...} (or \\fbox)
-                                                               of the solution
-
-AIME is told from MATH-500 by its answers (all integers 0..999, as AIME's are) *and* an "id" or
-"year" column (MATH-500 has "unique_id"); both are graded the same way. `prompt_key=` /
-`answer_key=` turn detection off: the named columns are the prompt and the reference, as they are
-(layout "prompt_answer"; a dotted key such as "reward_model.ground_truth" reaches into a nested
-column).
+common layouts by their columns (ours, GSM8K, MATH / MATH-500, AIME, verl: see
+`wise_callback.problem_layouts`).
 
 Every problem comes out as the row's own fields plus "prompt" (text, token ids, or chat messages
 [{"role", "content"}, ...]), "answer" (str), "layout" and, where known, "source" (the mapping's
@@ -34,110 +17,17 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wise_callback.grading import _after_hashes, _last_boxed
+from wise_callback.problem_layouts import Layout, detect_layout, unknown_layout
 
 Problem = dict[str, Any]
 
-LAYOUTS = ("prompt_answer", "gsm8k", "math", "aime", "verl")
 INSTRUCTION_POSITIONS = ("after", "before")
-INSTRUCTION_SEPARATOR = "\n"
-_AIME_ANSWER = re.compile(r"\d{1,3}")
-
-
-# ---------------------------------------------------------------------------------------- layouts
-
-
-def _as_is(value: Any, where: str) -> Any:
-    return value
-
-
-def _after_four_hashes(value: Any, where: str) -> str:
-    reference = _after_hashes(value) if isinstance(value, str) else None
-    reference = (reference or "").strip().replace(",", "")
-    if not reference:
-        raise ValueError(f"{where}: a GSM8K answer must end in '#### <reference>', got {value!r}")
-    return reference
-
-
-def _boxed(value: Any, where: str) -> str:
-    reference = _last_boxed(value) if isinstance(value, str) else None
-    if reference is None or not reference.strip():
-        raise ValueError(f"{where}: no \\boxed{{...}} in the solution to take the reference from")
-    return reference.strip()
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a layout reads a row: the prompt column, the reference column (dotted: nested) and how
-    the reference is taken from that column's value."""
-
-    name: str
-    prompt: str
-    answer: str
-    reference: Callable[[Any, str], Any] = _as_is
-
-    @property
-    def columns(self) -> tuple[str, str]:
-        return self.prompt, self.answer.split(".")[0]
-
-
-_LAYOUTS = (
-    Layout("prompt_answer", "prompt", "answer"),
-    Layout("verl", "prompt", "reward_model.ground_truth"),
-    Layout("gsm8k", "question", "answer", _after_four_hashes),
-    Layout("aime", "problem", "answer"),
-    Layout("math", "problem", "answer"),
-    Layout("math", "problem", "solution", _boxed),
-)
-
-
-def _is_aime_answer(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return 0 <= value <= 999
-    return isinstance(value, str) and _AIME_ANSWER.fullmatch(value.strip()) is not None
-
-
-def detect_layout(columns: Iterable[str], rows: Sequence[Mapping[str, Any]] = ()) -> Layout | None:
-    """The first layout whose columns are all in `columns` (AIME also needs `rows`' answers to be
-    integers 0..999 and an "id" or "year" column), or None."""
-    present = set(columns)
-    for layout in _LAYOUTS:
-        if not set(layout.columns) <= present:
-            continue
-        if layout.name == "aime" and not (
-            present & {"id", "year"} and all(_is_aime_answer(row.get("answer")) for row in rows)
-        ):
-            continue
-        return layout
-    return None
-
-
-_KNOWN_LAYOUTS = (
-    "prompt + answer (ours), prompt + reward_model.ground_truth (verl), question + answer "
-    "(GSM8K), problem + answer (MATH-500, AIME), problem + solution with a \\boxed{} (MATH)"
-)
-
-
-def _unknown_layout(where: str, columns: Iterable[str]) -> ValueError:
-    """The error for rows no layout fits: what they lack for the closest layout, what they have,
-    and what every layout needs."""
-    present = set(columns)
-    closest = min(_LAYOUTS, key=lambda layout: len(set(layout.columns) - present))
-    missing = [column for column in closest.columns if column not in present]
-    return ValueError(
-        f"{where}: unrecognised layout, it lacks {missing} (closest layout: {closest.name}); it "
-        f"has keys {sorted(present)}. Known layouts: {_KNOWN_LAYOUTS}; or name the prompt and "
-        "answer columns with prompt_key= and answer_key="
-    )
 
 
 # ---------------------------------------------------------------------------------- the loader
@@ -181,42 +71,38 @@ def load_problems(
     return problems
 
 
+@dataclass
 class _Loader:
     """`load_problems`'s options, checked once, and the recursion over a mapping of sets."""
 
-    def __init__(
-        self,
-        split: str | None,
-        prompt_key: str | None,
-        answer_key: str | None,
-        instruction: str | None,
-        instruction_position: str,
-    ) -> None:
-        for name, value in (
-            ("split", split),
-            ("prompt_key", prompt_key),
-            ("answer_key", answer_key),
-            ("instruction", instruction),
-        ):
+    split: str | None
+    prompt_key: str | None
+    answer_key: str | None
+    instruction: str | None
+    instruction_position: str
+    split_used: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("split", "prompt_key", "answer_key", "instruction"):
+            value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise TypeError(f"{name} must be None or a non-empty str, got {value!r}")
-        if instruction_position not in INSTRUCTION_POSITIONS:
+        if self.instruction_position not in INSTRUCTION_POSITIONS:
             raise ValueError(
                 f"instruction_position must be one of {INSTRUCTION_POSITIONS}, "
-                f"got {instruction_position!r}"
+                f"got {self.instruction_position!r}"
             )
-        self.split = split
-        self.split_used = False
         self.layout: Layout | None = None
-        if prompt_key is not None or answer_key is not None:
-            self.layout = Layout("prompt_answer", prompt_key or "prompt", answer_key or "answer")
-        self.instruction = instruction
-        self.instruction_position = instruction_position
+        if self.prompt_key is not None or self.answer_key is not None:
+            self.layout = Layout(
+                "prompt_answer", self.prompt_key or "prompt", self.answer_key or "answer"
+            )
 
     def load(self, source: Any, name: str) -> list[Problem]:
-        splits = _datasets_dict_splits(source)
-        if splits is not None:
-            return self.load(self._pick_split(source, splits, name), f"{name}[{self.split!r}]")
+        if _datasets_kind(source) == "splits":
+            return self.load(
+                self._pick_split(source, list(source), name), f"{name}[{self.split!r}]"
+            )
         if isinstance(source, Mapping):
             return self._load_sets(source, name)
         return self._read(self._raw_rows(source, name))
@@ -253,8 +139,7 @@ class _Loader:
                 "datasets.Dataset or DatasetDict, or a mapping {source name: any of these}; "
                 f"got {type(source).__name__}"
             )
-        rows = _dataset_rows(source)
-        rows = list(source) if rows is None else rows
+        rows = source.to_list() if _datasets_kind(source) == "table" else list(source)
         prefix = "" if name == "problems" else f"{name}, "
         return _Rows(rows, [f"{prefix}problem {index}" for index in range(len(rows))], name)
 
@@ -305,30 +190,12 @@ class _Loader:
                 raise TypeError(f"{label} is a {type(row).__name__}, not a mapping")
         layout = self.layout or detect_layout(raw.rows[0], raw.rows)
         if layout is None:
-            raise _unknown_layout(raw.labels[0], raw.rows[0])
-        problems = [
-            self._problem(row, layout, label)
-            for row, label in zip(raw.rows, raw.labels, strict=True)
-        ]
+            raise unknown_layout(raw.labels[0], raw.rows[0])
+        problems = []
+        for row, label in zip(raw.rows, raw.labels, strict=True):
+            problem = layout.read(row, label)
+            problems.append({**problem, "prompt": self._instructed(problem["prompt"], label)})
         return check_problems(problems, raw.labels)
-
-    def _problem(self, row: Mapping[str, Any], layout: Layout, where: str) -> Problem:
-        missing = [column for column in layout.columns if column not in row]
-        if missing:
-            raise ValueError(f"{where} lacks {missing}; it has keys {sorted(row)}")
-        answer = row
-        for key in layout.answer.split("."):
-            if not isinstance(answer, Mapping) or key not in answer:
-                raise ValueError(f"{where} lacks {layout.answer!r} ({layout.name} layout)")
-            answer = answer[key]
-        problem = {**row, "prompt": self._instructed(row[layout.prompt], where)}
-        problem["answer"] = layout.reference(answer, where)
-        problem["layout"] = layout.name
-        if layout.name == "gsm8k":
-            problem.setdefault("solution", row["answer"])
-        if "source" not in row and row.get("data_source") is not None:
-            problem["source"] = str(row["data_source"])
-        return problem
 
     def _instructed(self, prompt: Any, where: str) -> Any:
         """`prompt` with the instruction joined to it (text) or to its last user message."""
@@ -350,7 +217,7 @@ class _Loader:
 
 def _joined(text: str, instruction: str, position: str) -> str:
     parts = (text, instruction) if position == "after" else (instruction, text)
-    return INSTRUCTION_SEPARATOR.join(parts)
+    return "\n".join(parts)
 
 
 def _read_jsonl(path: Path) -> _Rows:
@@ -383,23 +250,17 @@ def _read_parquet(path: Path) -> _Rows:
     return _Rows(rows, [f"{path}, row {index}" for index in range(len(rows))], str(path))
 
 
-def _datasets_dict_splits(source: Any) -> list[str] | None:
-    """The split names of a `datasets.DatasetDict` / `IterableDatasetDict`, None for anything
-    else (never imports `datasets`: an object of its types exists only once it is imported)."""
+def _datasets_kind(source: Any) -> str | None:
+    """ "splits" for a `datasets.DatasetDict` / `IterableDatasetDict`, "table" for a `Dataset`,
+    None for anything else (never imports `datasets`: its objects exist only once it is)."""
     datasets = sys.modules.get("datasets")
-    if datasets is None or not isinstance(
+    if datasets is not None and isinstance(
         source, (datasets.DatasetDict, datasets.IterableDatasetDict)
     ):
-        return None
-    return list(source)
-
-
-def _dataset_rows(source: Any) -> list[Any] | None:
-    """The rows of a `datasets.Dataset` as dicts (columnar, faster than iterating), else None."""
-    datasets = sys.modules.get("datasets")
-    if datasets is None or not isinstance(source, datasets.Dataset):
-        return None
-    return source.to_list()
+        return "splits"
+    if datasets is not None and isinstance(source, datasets.Dataset):
+        return "table"
+    return None
 
 
 # ------------------------------------------------------------------------------ checks and forms
