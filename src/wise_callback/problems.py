@@ -133,13 +133,16 @@ class _Loader:
     def _raw_rows(self, source: Any, name: str) -> _Rows:
         if isinstance(source, (str, os.PathLike)):
             return self._read_file(Path(source))
-        if isinstance(source, bytes) or not isinstance(source, Iterable):
+        if _datasets_kind(source) == "table":
+            rows = source.to_list()  # columnar: faster than iterating over the rows
+        elif isinstance(source, bytes) or not isinstance(source, Iterable):
             raise TypeError(
                 f"{name} must be a list of dicts, a JSONL / JSON / parquet path, a "
                 "datasets.Dataset or DatasetDict, or a mapping {source name: any of these}; "
                 f"got {type(source).__name__}"
             )
-        rows = source.to_list() if _datasets_kind(source) == "table" else list(source)
+        else:
+            rows = list(source)
         prefix = "" if name == "problems" else f"{name}, "
         return _Rows(rows, [f"{prefix}problem {index}" for index in range(len(rows))], name)
 
@@ -251,8 +254,8 @@ def _read_parquet(path: Path) -> _Rows:
 
 
 def _datasets_kind(source: Any) -> str | None:
-    """ "splits" for a `datasets.DatasetDict` / `IterableDatasetDict`, "table" for a `Dataset`,
-    None for anything else (never imports `datasets`: its objects exist only once it is)."""
+    """What `source` is to `datasets`: "splits" (a `DatasetDict` / `IterableDatasetDict`), "table"
+    (a `Dataset`) or None (never imports `datasets`: its objects exist only once it is)."""
     datasets = sys.modules.get("datasets")
     if datasets is not None and isinstance(
         source, (datasets.DatasetDict, datasets.IterableDatasetDict)
