@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 
 from callback_toy import EVAL_PAIRS, toy_problems
@@ -21,8 +22,6 @@ from wise_callback.problems import (
     load_problems,
     subset_problems,
 )
-
-datasets = pytest.importorskip("datasets")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -116,8 +115,9 @@ VERL = [
 ]
 
 # layout name, rows, the references the callback must see, and a field that must be kept
+# (GSM8K: the worked solution, under "solution", since its "answer" becomes the reference)
 SETS = {
-    "gsm8k": (GSM8K, ["72", "1234"], "question"),
+    "gsm8k": (GSM8K, ["72", "1234"], "solution"),
     "math": (MATH, ["\\frac{a}{2b}", "5"], "level"),
     "math500": (MATH_500, ["\\left( 3, \\frac{\\pi}{2} \\right)", "3"], "unique_id"),
     "aime": (AIME, ["204", "113"], "year"),
@@ -177,13 +177,8 @@ def test_every_layout_in_every_container_gives_the_prompts_and_references(
     else:
         assert [p["prompt"] for p in problems] == [row[PROMPT_COLUMN[name]] for row in rows]
         assert all("source" not in p for p in problems)
-    assert [p[kept] for p in problems] == [row[kept] for row in rows]
-
-
-def test_gsm8k_keeps_the_worked_solution():
-    problems = load_problems(GSM8K)
-    assert [p["solution"] for p in problems] == [row["answer"] for row in GSM8K]
-    assert problems[1]["answer"] == "1234"
+    kept_from = "answer" if name == "gsm8k" else kept
+    assert [p[kept] for p in problems] == [row[kept_from] for row in rows]
 
 
 def test_aime_is_told_from_math_500_by_integer_answers_and_an_id_or_year():
@@ -263,14 +258,20 @@ def test_instruction_goes_after_or_before_text_and_into_the_last_user_message():
     before = load_problems(MATH, instruction="Solve:", instruction_position="before")
     assert [p["prompt"] for p in before] == [f"Solve:\n{row['problem']}" for row in MATH]
 
-    chat = [{**VERL[0], "prompt": [*VERL[0]["prompt"], {"role": "assistant", "content": "Hm."}]}]
+    follow_up = [{"role": "assistant", "content": "Hm."}, {"role": "user", "content": "Go on."}]
+    chat = [{**VERL[0], "prompt": [*VERL[0]["prompt"], *follow_up]}]
     messages = load_problems(chat, instruction=STEP_BY_STEP)[0]["prompt"]
     assert messages == [
         {"role": "system", "content": "You are a careful solver."},
-        {"role": "user", "content": "What is 6*12?\n" + STEP_BY_STEP},
+        {"role": "user", "content": "What is 6*12?"},
         {"role": "assistant", "content": "Hm."},
+        {"role": "user", "content": "Go on.\n" + STEP_BY_STEP},
     ]
-    assert chat[0]["prompt"][1]["content"] == "What is 6*12?"  # the input is left untouched
+    assert load_problems(VERL[:1], instruction="Think.")[0]["prompt"][1] == {
+        "role": "user",
+        "content": "What is 6*12?\nThink.",
+    }
+    assert chat[0]["prompt"][3]["content"] == "Go on."  # the input is left untouched
 
     with pytest.raises(ValueError, match="problem 0: instruction= needs text or chat-message"):
         load_problems([{"prompt": [1, 2], "answer": "3"}], instruction="Think.")
