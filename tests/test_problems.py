@@ -33,8 +33,7 @@ STEP_BY_STEP = "Please reason step by step, and put your final answer within \\b
 
 GSM8K = [
     {
-        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
-        "many clips in May. How many clips did Natalia sell altogether in April and May?",
+        "question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
         "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
     },
@@ -82,7 +81,6 @@ AIME = [
         "minutes the walk takes her.",
         "solution": "... $\\boxed{204}$",
         "answer": "204",
-        "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
         "year": 2024,
     },
     {
@@ -90,7 +88,6 @@ AIME = [
         "problem": "Let $ABC$ be a triangle ... Find $m+n$.",
         "solution": "... $\\boxed{113}$",
         "answer": "113",
-        "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_10",
         "year": 2024,
     },
 ]
@@ -151,9 +148,8 @@ def as_container(rows: list[dict[str, Any]], container: str, folder: Path) -> tu
         return datasets.Dataset.from_list(rows), {}
     if container == "dataset_dict":
         splits = {"train": rows[:1], "test": rows}
-        return datasets.DatasetDict(
-            {k: datasets.Dataset.from_list(v) for k, v in splits.items()}
-        ), {"split": "test"}
+        tables = {name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}
+        return datasets.DatasetDict(tables), {"split": "test"}
     raise AssertionError(container)
 
 
@@ -455,3 +451,10 @@ def test_loading_a_jsonl_file_imports_neither_datasets_nor_pyarrow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_parquet_without_pyarrow_says_which_extra_to_install(tmp_path, monkeypatch):
+    datasets.Dataset.from_list(GSM8K).to_parquet(tmp_path / "set.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"set\.parquet: reading parquet needs pyarrow"):
+        load_problems(tmp_path / "set.parquet")

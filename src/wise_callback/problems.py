@@ -243,8 +243,13 @@ def _read_jsonl(path: Path) -> _Rows:
 
 
 def _read_parquet(path: Path) -> _Rows:
-    import pyarrow
-    import pyarrow.parquet
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"{path}: reading parquet needs pyarrow: pip install 'wise-callback[data]'"
+        ) from None
 
     try:
         rows = pyarrow.parquet.read_table(path).to_pylist()
