@@ -381,6 +381,10 @@ def test_bad_rows_and_files_are_refused_clearly(tmp_path):
         load_problems(tmp_path / "bad.json")
     (tmp_path / "lines.json").write_text('{"prompt": "a", "answer": "1"}\n' * 2)  # JSONL as .json
     assert len(load_problems(tmp_path / "lines.json")) == 2
+    (tmp_path / "one.json").write_text('{"prompt": "a", "answer": 1}')  # read as JSONL before
+    assert load_problems(tmp_path / "one.json") == [
+        {"prompt": "a", "answer": "1", "layout": "prompt_answer"}
+    ]
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match=r"bad\.parquet: not a readable parquet file"):
         load_problems(tmp_path / "bad.parquet")

@@ -164,7 +164,10 @@ class _Loader:
         return _read_jsonl(path)
 
     def _json_rows(self, document: Any, path: Path) -> _Rows:
-        """A JSON document's rows: a list of objects, or an object {"data" | split: [...]}."""
+        """A JSON document's rows: a list of objects, an object {"data" | split: [...]}, or one
+        problem object (as a JSONL file of one line is read)."""
+        if isinstance(document, dict) and detect_layout(document, [document]) is not None:
+            document = [document]
         if isinstance(document, dict):
             lists = [key for key, value in document.items() if isinstance(value, list)]
             if self.split is not None and self.split in lists:
