@@ -31,8 +31,8 @@ def settle_arguments(given: Mapping[str, Any]) -> dict[str, Any]:
     )
     tokenizer = given["tokenizer"]
     _check_tokenizer(tokenizer)
-    if sampling.apply_chat_template and tokenizer is not None and _is_tokenizer(tokenizer):
-        check_chat_template(tokenizer)
+    if tokenizer is not None and _is_tokenizer(tokenizer):
+        check_chat_template(tokenizer, problems, sampling.apply_chat_template)
     grader = given["grader"]
     if isinstance(grader, str):
         grader = _import_object(grader)
