@@ -164,18 +164,22 @@ class WiSEFTCore:
             self._run_evaluation(step, (CURRENT, *self.alphas))
 
     def training_ended(self, step: int) -> None:
-        """Evaluate the final weights if stale, choose the alpha, merge on every rank, save."""
+        """Evaluate the final weights if stale, choose the alpha, merge on every rank, save.
+
+        `step`: the step whose weights the model holds now: the last one, or an earlier one the
+        trainer put back (transformers' `load_best_model_at_end`); its evaluation chooses the
+        alpha, so the merge is of the weights that were measured."""
         if self.snapshot is None:
             self._warn(
                 f"training ended at step {step}, before the snapshot step "
                 f"{self._snapshot_step}; nothing to evaluate or merge"
             )
             return
-        if self._last_eval_step != step:
+        if self._last_eval_step != step and self._grid_records(step) == []:
             self._run_evaluation(step, (CURRENT, *self.alphas))
         if self.final_alpha is None:
             return
-        alpha = self._choose_alpha()
+        alpha = self._choose_alpha(step)
         if alpha is None:
             self._warn("no evaluation to choose an alpha from; no merge")
             return
@@ -251,16 +255,21 @@ class WiSEFTCore:
             )
         return step
 
-    def _choose_alpha(self) -> float | None:
-        """The fixed final_alpha, or the best alpha of the latest evaluation of the grid (ties
-        toward the larger alpha)."""
+    def _choose_alpha(self, step: int) -> float | None:
+        """The fixed final_alpha, or the best alpha (ties toward the larger one) of the grid's
+        evaluation at `step`, else of its latest evaluation."""
         if isinstance(self.final_alpha, float):
             return self.final_alpha
         last = max((r["step"] for r in self.history if r["alpha"] == CURRENT), default=None)
         if last is None:
             return None
-        candidates = [r for r in self.history if r["step"] == last]
+        candidates = self._grid_records(step) or self._grid_records(last)
         return float(best_record(candidates, self.select_metric)["alpha"])
+
+    def _grid_records(self, step: int) -> list[dict[str, Any]]:
+        """The records of the grid's evaluation at `step` (empty when there was none)."""
+        records = [r for r in self.history if r["step"] == step]
+        return records if any(r["alpha"] == CURRENT for r in records) else []
 
     def _take_snapshot(self, step: int) -> None:
         context = self._require_context()
@@ -425,6 +434,25 @@ class WiSEFTCore:
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
         self._files.load_state_dict(state_dict)
         self.snapshot = None  # reloaded from its file in begin()
+
+
+def locate_module(
+    root: Any, attr: str | Callable[[Any], Any] | None, root_name: str
+) -> torch.nn.Module:
+    """The model an adapter works on: `root` itself (attr None), an attribute path of it
+    ("backbone.lm"), or what a callable returns for it; checked to be a torch module."""
+    if callable(attr):
+        model, where = attr(root), f"model_attr callable {attr!r}"
+    else:
+        model, where = root, root_name
+        for part in attr.split(".") if attr else ():
+            model, where = getattr(model, part, None), f"{where}.{part}"
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"{where} is {type(model).__name__}, not a torch module; point model_attr= at the "
+            "Hugging Face model"
+        )
+    return model
 
 
 def best_record(records: Iterable[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
