@@ -110,6 +110,7 @@ def test_metric_for_best_model_keeps_the_checkpoint_the_history_says_is_best(tmp
     assert steps == [4, 6, 9, 12]  # the snapshot, then the Trainer's evaluations after it
     grid = {s: max(r["pass@4"] for r in callback.history if r["step"] == s) for s in (6, 9, 12)}
     best_step = min(s for s in grid if grid[s] == max(grid.values()))  # the first best
+    assert best_step < 12  # the weights put back are not the last ones: their merge is tested
     assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
     assert trainer.state.best_metric == grid[best_step]
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
@@ -123,7 +124,7 @@ def test_metric_for_best_model_keeps_the_checkpoint_the_history_says_is_best(tmp
     expected = merged_reference(recorder.at[best_step], recorder.at[4], alpha)
     assert_same(weights(trainer.model), expected)
     saved = json.loads((tmp_path / f"checkpoint-{best_step}" / "trainer_state.json").read_text())
-    kept = saved["stateful_callbacks"]["WiSEFTTrainerCallback"]["attributes"]["wiseft"]
+    kept = json.loads(saved["stateful_callbacks"]["WiSEFTTrainerCallback"]["attributes"]["wiseft"])
     assert kept["history"] == [r for r in callback.history if r["step"] <= best_step]
 
 

@@ -22,6 +22,7 @@ the callback from its saved arguments, which cannot hold problems or a grader.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -150,8 +151,10 @@ class WiSEFTTrainerCallback(WiSEFTCore, TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict[str, Any]:
-        """The Trainer's stateful-callback record (saved in trainer_state.json, JSON only)."""
-        return {"args": {}, "attributes": {"wiseft": self.state_dict()}}
+        """The Trainer's stateful-callback record, saved in trainer_state.json. The core's state
+        goes in as one JSON string: the Trainer writes with sort_keys, which would reorder the
+        records' fields (and so history.jsonl) on resume."""
+        return {"args": {}, "attributes": {"wiseft": json.dumps(self.state_dict())}}
 
     def _restore(self, state: TrainerState) -> None:
         saved = state.stateful_callbacks.get(type(self).__name__)
@@ -161,7 +164,7 @@ class WiSEFTTrainerCallback(WiSEFTCore, TrainerCallback, ExportableState):
                 "state: history and snapshot start afresh"
             )
             return
-        self.load_state_dict(saved["attributes"]["wiseft"])
+        self.load_state_dict(json.loads(saved["attributes"]["wiseft"]))
 
     # ------------------------------------------------------------------ transformers' side
 
