@@ -1,7 +1,7 @@
 """The toy SFT task of callback_toy.py (single-digit sums on a tiny Llama) under transformers'
 Trainer with WiSEFTTrainerCallback. Importable by the tests, and a script for real processes:
 
-    python tests/hf_toy.py --out DIR [--resume] [--max-steps 16] [--trl]
+    python tests/hf_toy.py --out DIR [--resume] [--max-steps 16] [--trl] [--sampler vllm]
     torchrun --nproc_per_node 2 tests/hf_toy.py --out DIR
 
 The training is made to match the Lightning toy's step for step: the same init, the whole
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=16)
     parser.add_argument("--resume", action="store_true", help="from the last checkpoint in DIR")
     parser.add_argument("--trl", action="store_true", help="TRL's SFTTrainer")
-    parser.add_argument("--sampler", default="hf")
+    parser.add_argument("--sampler", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parsed = parser.parse_args(argv)
     torch.set_num_threads(1)
     sampler_kwargs = {"max_model_len": 64, "progress": False} if parsed.sampler == "vllm" else {}
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         **toy_options(
             save_merged_to=parsed.out / "merged",
             sampler=parsed.sampler,
+            temperature=parsed.temperature,
             sampling={"problems_per_call": 2, "sampler_kwargs": sampler_kwargs},
         )
     )

@@ -109,3 +109,20 @@ def test_two_processes_evaluate_as_one_and_merge_on_every_rank(straight_run):
         alphas=(1.0, 0.5), step=16, progress=False,
     )  # fmt: skip
     assert single.records() == [r for r in summary["history"] if r["step"] == 16]
+
+
+def test_the_vllm_sampler_under_the_trainer_writes_what_the_hf_sampler_writes(tmp_path):
+    """Greedy decoding: vLLM (its own process: one engine per process), fed the snapshot,
+    interpolated and current weights by the HF door, gives the HF sampler's records."""
+    pytest.importorskip("vllm")
+    options = ("--max-steps", "6", "--temperature", "0")
+    run_toy(tmp_path / "vllm", "single", "--sampler", "vllm", *options)
+    run_toy(tmp_path / "hf", "single", "--sampler", "hf", *options)
+    vllm_run = json.loads((tmp_path / "vllm" / "history.json").read_text())
+    hf_run = json.loads((tmp_path / "hf" / "history.json").read_text())
+    assert [(r["step"], r["alpha"]) for r in vllm_run["history"]] == [
+        (4, 0.0), (5, 0.5), (5, 1.0), (6, 0.5), (6, 1.0),
+    ]  # fmt: skip
+    assert vllm_run == hf_run
+    vllm_final = load_file(tmp_path / "vllm" / "final_rank0.safetensors")
+    assert_same(vllm_final, load_file(tmp_path / "hf" / "final_rank0.safetensors"))
