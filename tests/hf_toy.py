@@ -79,12 +79,16 @@ def toy_arguments(out: Path, world_size: int = 1, **overrides: Any) -> TrainingA
 
 
 def toy_trainer(
-    args: TrainingArguments, callbacks: list[TrainerCallback], trl: bool = False, **kwargs: Any
+    args: TrainingArguments,
+    callbacks: list[TrainerCallback],
+    trl: bool = False,
+    lr: float = LEARNING_RATE,
+    **kwargs: Any,
 ) -> Trainer:
     """A Trainer (or TRL SFTTrainer) on a fresh seed-0 tiny Llama with the toy's optimizer."""
     tokenizer = char_tokenizer()
     model = tiny_llama(len(tokenizer), seed=0, tokenizer=tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     common = {
         "model": model,
         "args": args,

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from helpers import assert_same, weights
+from test_callback import NoisyLabels
 from hf_toy import WeightRecorder, toy_arguments, toy_options, toy_train_set, toy_trainer
 from wise_callback import Snapshot, WiSEFTTrainerCallback, interpolate_
 from wise_callback.demo.model import char_tokenizer, tiny_llama
@@ -165,3 +166,42 @@ def test_importing_and_building_the_hf_door_never_imports_lightning():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_collapse_stops_the_trainer_and_calls_back_with_its_objects(tmp_path):
+    """The noisy-label task of test_callback.py (8 sums, half with a consistently wrong label):
+    Pass@16 falls while Pass@1 holds; on_collapse="stop" ends the Trainer's run there."""
+    tokenizer = char_tokenizer()
+    rows = []
+    for i, (a, b) in enumerate(NoisyLabels.PAIRS):
+        ids = tokenizer(f"{a}+{b}={(a + b + 3 * (i % 2)) % 10}")["input_ids"]
+        ids = torch.tensor([*ids, tokenizer.eos_token_id])
+        rows.append({"input_ids": ids, "labels": ids})
+    problems = [{"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)} for a, b in NoisyLabels.PAIRS]
+    callback = WiSEFTTrainerCallback(
+        problems, snapshot_at=5, eval_every_n_steps=5, num_samples=16, ks=(1, 16), alphas=(0.5,),
+        collapse={"min_drop": 0.1, "patience": 2, "on_collapse": "stop"}, max_new_tokens=2,
+        sample_logging={"progress": False},
+    )  # fmt: skip
+    args = toy_arguments(tmp_path, max_steps=200, per_device_train_batch_size=len(rows))
+    trainer = toy_trainer(args, [callback], lr=1e-2, train_dataset=rows)
+    with pytest.warns(UserWarning, match=r"diversity collapse at step \d+: pass@16 fell from"):
+        trainer.train()
+    assert trainer.state.global_step < 200  # stopped
+    current = [r for r in callback.history if r["alpha"] in (0.0, 1.0)]
+    assert current[-1]["step"] == trainer.state.global_step and callback.collapse_detected
+    logged = logged_wiseft(trainer.state.log_history)
+    assert logged[trainer.state.global_step]["wiseft/collapse"] == 1
+    assert callback.chosen_alpha is not None  # the merge still happens after the stop
+
+    seen = []
+    watcher = WiSEFTTrainerCallback(
+        problems, tokenizer, collapse={"patience": 1, "on_collapse": lambda *a: seen.append(a)}
+    )
+    watcher._event(trainer.args, trainer.state, trainer.control)
+    with pytest.warns(UserWarning, match="diversity collapse at step 2"):
+        for step, pass_k in ((1, 0.9), (2, 0.5)):
+            watcher._watch_collapse({"step": step, "pass@16": pass_k, "mean_rho": 0})
+    assert [(a, s, c, info["step"]) for a, s, c, info in seen] == [
+        (trainer.args, trainer.state, trainer.control, 2)
+    ]
