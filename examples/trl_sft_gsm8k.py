@@ -1,4 +1,4 @@
-"""TRL SFTTrainer on GSM8K with a reasoning model, watched by WiSEFTTrainerCallback (GPU + vLLM + hub).
+"""TRL SFTTrainer on GSM8K with a reasoning model, watched by WiSEFTTrainerCallback (GPU, vLLM).
 
     pip install "wise-callback[hf,vllm,math]" trl
     python examples/trl_sft_gsm8k.py                                  # one GPU

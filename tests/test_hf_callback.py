@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from helpers import assert_same, weights
-from test_callback import NoisyLabels
 from hf_toy import WeightRecorder, toy_arguments, toy_options, toy_train_set, toy_trainer
+from test_callback import NoisyLabels
 from wise_callback import Snapshot, WiSEFTTrainerCallback, interpolate_
 from wise_callback.demo.model import char_tokenizer, tiny_llama
 
@@ -159,7 +159,8 @@ def test_importing_and_building_the_hf_door_never_imports_lightning():
         "from wise_callback import WiSEFTTrainerCallback\n"
         "from wise_callback.demo.model import char_tokenizer\n"
         "WiSEFTTrainerCallback([{'prompt': '1+1=', 'answer': '2'}], char_tokenizer())\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
+        "names = ('lightning', 'pytorch_lightning')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in names))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120

@@ -5,7 +5,6 @@ compares what the runs wrote (see that file's docstring)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import assert_same
+from helpers import assert_same, kill_when_printed
 from hf_toy import toy_options
 from test_hf_callback import merged_reference
 from wise_callback import Snapshot, WiSEFTTrainerCallback
@@ -58,17 +57,9 @@ def test_sigkill_then_resume_from_checkpoint_gives_the_same_merge_and_history(
 ):
     straight = straight_run(launch)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(  # its own session: the kill takes every rank, like a lost node
-        [*LAUNCH[launch], "--out", str(killed)], stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    for line in process.stdout:  # checkpoints at steps 3, 6, 9, 12, 15; evaluations at 5, 10, 15
-        if "STEP 11" in line:
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    # checkpoints at steps 3, 6, 9, 12, 15; evaluations at 5, 10, 15: killed at step 11
+    returncode = kill_when_printed([*LAUNCH[launch], "--out", str(killed)], "STEP 11")
+    assert returncode == -signal.SIGKILL
     assert not (killed / "final_rank0.safetensors").exists()
     lost = [json.loads(line) for line in (killed / "history.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in lost) == 10  # the killed run evaluated past its checkpoint

@@ -436,25 +436,6 @@ class WiSEFTCore:
         self.snapshot = None  # reloaded from its file in begin()
 
 
-def locate_module(
-    root: Any, attr: str | Callable[[Any], Any] | None, root_name: str
-) -> torch.nn.Module:
-    """The model an adapter works on: `root` itself (attr None), an attribute path of it
-    ("backbone.lm"), or what a callable returns for it; checked to be a torch module."""
-    if callable(attr):
-        model, where = attr(root), f"model_attr callable {attr!r}"
-    else:
-        model, where = root, root_name
-        for part in attr.split(".") if attr else ():
-            model, where = getattr(model, part, None), f"{where}.{part}"
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(
-            f"{where} is {type(model).__name__}, not a torch module; point model_attr= at the "
-            "Hugging Face model"
-        )
-    return model
-
-
 def best_record(records: Iterable[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
     """The record with the highest `metric`, ties toward the larger alpha."""
     return max(records, key=lambda r: (r[metric], r["alpha"]))

@@ -32,7 +32,8 @@ import transformers
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from wise_callback.core import RunContext, WiSEFTCore, locate_module
+from wise_callback.arguments import resolve_model
+from wise_callback.core import RunContext, WiSEFTCore
 
 EVAL_PREFIX = "eval_"
 """The Trainer looks up `metric_for_best_model` in the evaluation metrics with this prefix."""
@@ -94,7 +95,7 @@ class WiSEFTTrainerCallback(WiSEFTCore, TrainerCallback, ExportableState):
         self._in_training = True
         self.begin(
             RunContext(
-                model=locate_module(model, self.model_attr, "the Trainer's model"),
+                model=resolve_model(model, self.model_attr, "the Trainer's model"),
                 planned_steps=state.max_steps if state.max_steps > 0 else math.inf,
                 log_dir=Path(args.output_dir),
                 snapshot_dir=Path(self.snapshotting.dir or args.output_dir),
