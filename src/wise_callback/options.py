@@ -100,6 +100,8 @@ class CollapseOptions:
 
     Args:
         min_drop: how far Pass@k must fall below its best so far to count as collapsing.
+        z_threshold: and how significant the fall must be: the paired z of the drop over
+            problems (drop / its paired standard error) must reach it.
         patience: how many collapsing evaluations in a row (Pass@1 not below its value at the
             Pass@k peak) raise the warning.
         on_collapse: "warn", "stop" (warn and stop training), or a callable the adapter calls
@@ -108,11 +110,13 @@ class CollapseOptions:
     """
 
     min_drop: float = 0.02
-    patience: int = 2
+    z_threshold: float = 2.0
+    patience: int = 1
     on_collapse: str | Callable[..., Any] = "warn"
 
     def __post_init__(self) -> None:
         check_float("collapse.min_drop", self.min_drop, minimum=0.0, maximum=1.0)
+        check_float("collapse.z_threshold", self.z_threshold, minimum=0.0)
         check_int("collapse.patience", self.patience, minimum=1)
         if not callable(self.on_collapse):
             check_choice("collapse.on_collapse", self.on_collapse, ON_COLLAPSE)
@@ -170,6 +174,8 @@ class EvalOptions:
             cleanly and the metrics cover the problems every alpha reached.
         fail_on_eval_error: raise when sampling or grading fails, instead of warning and going
             on with training (the weights are restored either way).
+        keep_pass1: with final_alpha="best", choose only among alphas whose Pass@1 is not
+            significantly below the current weights' (paired z > -2 over problems).
     """
 
     grade_timeout_s: float = 10.0
@@ -178,8 +184,10 @@ class EvalOptions:
     eval_at_start: bool = False
     time_budget_s: float | None = None
     fail_on_eval_error: bool = False
+    keep_pass1: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("evaluation.keep_pass1", self.keep_pass1)
         check_float("evaluation.grade_timeout_s", self.grade_timeout_s, positive=True)
         check_int("evaluation.grade_workers", self.grade_workers, minimum=0, optional=True)
         check_int("evaluation.max_problems", self.max_problems, minimum=1, optional=True)
