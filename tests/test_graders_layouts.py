@@ -79,7 +79,7 @@ MATH_SOLUTION = "Multiplying, we get $x = \\boxed{\\dfrac{1}{2}}$."
             "\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}",
             "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}",
             True,
-        ),  # noqa: E501
+        ),
         ("\\boxed{033}", "33", True),  # AIME: zero-padded integers
         ("\\boxed{34}", "33", False),
         ("\\boxed{\\frac12}", MATH_SOLUTION, True),  # a reference given as a solution
@@ -154,21 +154,4 @@ def test_hostile_output_gsm8k_inline(tmp_path):
     assert verdicts[1] == Verdict("4", True)  # the 1 MB completion
     assert verdicts[7] == Verdict("5", False)  # lone surrogates dropped
     assert verdicts[11] == Verdict(None, False)  # 200,000 digits: not an answer
-    assert not marker.exists()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_hostile_output_boxed_in_workers(tmp_path):
-    marker = tmp_path / "pwned"
-    completions = hostile_completions(str(marker))
-    verdicts, timed_out = grade_many(
-        boxed_match, completions, ["4"] * len(completions), timeout_s=3, workers=2
-    )
-    assert verdicts[0] == Verdict(None, False) and timed_out >= 1  # the tower: killed, counted
-    assert verdicts[1] == Verdict("4", True)  # the 1 MB completion
-    assert [v.answer for v in verdicts[2:4]] == [None, "3"]
-    assert verdicts[6].correct  # NUL bytes dropped
-    assert verdicts[7] == Verdict(None, False)  # no box
-    assert not any(v.correct for v in verdicts[8:])
     assert not marker.exists()

@@ -12,6 +12,7 @@ import pytest
 from wise_callback.grading import (
     GradingError,
     Verdict,
+    boxed_match,
     exact_match,
     extract_answer,
     grade_many,
@@ -172,17 +173,21 @@ def test_hostile_output_inline(grader, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_hostile_output_math_verify_in_workers(tmp_path):
+@pytest.mark.parametrize(
+    ("grader", "answer_is"), [(math_verify_match, "5"), (boxed_match, None)], ids=["math", "boxed"]
+)
+def test_hostile_output_in_workers(grader, answer_is, tmp_path):
     marker = tmp_path / "pwned"
     completions = hostile_completions(str(marker))
     verdicts, timed_out = grade_many(
-        math_verify_match, completions, ["4"] * len(completions), timeout_s=3, workers=WORKERS
+        grader, completions, ["4"] * len(completions), timeout_s=3, workers=WORKERS
     )
     assert verdicts[0] == Verdict(None, False)  # the tower of powers: killed, counted
     assert timed_out >= 1
     assert verdicts[1] == Verdict("4", True)  # the 1 MB completion
-    assert verdicts[6].correct
-    assert verdicts[7].answer == "5"
+    assert [v.answer for v in verdicts[2:4]] == [None, "3"]  # unbalanced; deeply nested
+    assert verdicts[6].correct  # NUL bytes dropped
+    assert verdicts[7].answer == answer_is  # "the answer is 5" (boxed_match wants a box)
     assert not any(v.correct for v in verdicts[8:])
     assert not marker.exists()
 
