@@ -54,7 +54,6 @@ from wise_callback.evaluate import (
     check_alphas,
     check_problems,
     evaluate,
-    is_sharded,
     read_problems,
 )
 from wise_callback.files import write_text_atomically
@@ -69,6 +68,7 @@ from wise_callback.generations import (
 from wise_callback.grading import Grader, exact_match
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig
 from wise_callback.sampling.factory import SAMPLER_NAMES, make_sampler
+from wise_callback.sharding import full_state_dict, is_sharded
 from wise_callback.weights import Snapshot, check_alpha, interpolate_, named_float_tensors
 
 ON_COLLAPSE = ("warn", "stop")
@@ -662,7 +662,7 @@ class WiSEFTCallback(Callback):
     def _save_merged(self, trainer: pl.Trainer) -> None:
         """save_pretrained of the merged model + tokenizer into save_merged_to, atomically."""
         assert self._model is not None and self.save_merged_to is not None
-        state_dict = _full_state_dict(self._model) if is_sharded(self._model) else None
+        state_dict = full_state_dict(self._model) if is_sharded(self._model) else None
         if not trainer.is_global_zero:
             return
         target = self.save_merged_to
@@ -832,11 +832,3 @@ def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """The full (unsharded) state dict of an FSDP2 model on CPU; a collective on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)

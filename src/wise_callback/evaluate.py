@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from wise_callback.grading import Grader, grade_many
 from wise_callback.metrics import answer_diversity, collapse_stats, majority_at_k
 from wise_callback.sampling import Completion, Sampler, SamplingConfig
+from wise_callback.sharding import is_sharded, reshard
 from wise_callback.stats import generation_health, standard_errors
 from wise_callback.weights import Snapshot, alpha_sweep, check_alpha
 
@@ -433,7 +433,7 @@ def _sample(
             _check_counts(sampler, samples, call, config.num_samples)
             completions[alpha].extend(samples)
             bar.update(len(call))
-        _reshard(model)
+        reshard(model)
         timings["sample_s"] += time.perf_counter() - tick
 
     modes = {module: module.training for module in model.modules()}
@@ -501,12 +501,6 @@ def _calls(
     return calls
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the model has DTensor (FSDP2) parameters."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
-
-
 def _check_counts(
     sampler: Sampler, samples: list[list[Completion]], call: list[int], num_samples: int
 ) -> None:
@@ -542,22 +536,6 @@ def _gather(
             raise RuntimeError(f"gathered problem indices are not 0..{len(results) - 1}: {indices}")
         merged[alpha] = _Graded(results, sum(g.timed_out for g in everyone))
     return merged
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    """Put FSDP2 modules back into their sharded state after generating.
-
-    A root `fully_shard` module keeps its parameters gathered after a forward (it expects a
-    backward); interpolating then would change the shards while later forwards still used the
-    stale gathered copies, and the named tensors would not match the shard-local snapshot.
-    """
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    fsdp_module = getattr(fsdp, "FSDPModule", None)
-    if fsdp_module is None:
-        return
-    for module in model.modules():
-        if isinstance(module, fsdp_module):
-            module.reshard()
 
 
 def _rng_devices(model: torch.nn.Module) -> list[torch.device]:
