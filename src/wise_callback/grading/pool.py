@@ -211,14 +211,16 @@ class _Pool:
             worker.kill()
             self._replace(worker)
 
-        def fail(worker: _Worker, what: str) -> GradingError:
-            """The error for a worker that could not start or load the grader."""
+        def fail(worker: _Worker, what: str, detail: str = "") -> GradingError:
+            """The error for a worker that could not start, or could not load the grader."""
             if not worker.ready:
-                return GradingError(f"a grading worker {what} while starting")
-            return GradingError(
-                f"a grading worker {what} while loading the grader {_describe(grader)} (it "
-                "imports the grader's module, or the script that defines it, first)"
-            )
+                message = f"a grading worker {what} while starting"
+            else:
+                message = (
+                    f"loading the grader {_describe(grader)} in a grading worker {what} (the "
+                    "worker imports the grader's module, or the script that defines it)"
+                )
+            return GradingError(f"{message}:\n{detail}" if detail else message)
 
         while todo or any(w.items for w in self.workers):
             for worker in self.workers:
@@ -236,7 +238,8 @@ class _Pool:
                 except (EOFError, OSError):
                     if not worker.ready or worker.loading:
                         code = worker.process.wait()
-                        raise fail(worker, f"died (exit code {code}; see stderr)") from None
+                        what = f"failed: the worker died (exit code {code}; see its stderr)"
+                        raise fail(worker, what) from None
                     give_up_on(worker)
                     continue
                 if message[0] == "ready":
@@ -244,7 +247,7 @@ class _Pool:
                     continue
                 if message[0] == "loaded":
                     if message[1] is not None:
-                        raise fail(worker, f"failed:\n{message[1]}")
+                        raise fail(worker, "failed", detail=message[1])
                     worker.loading = False
                     worker.started = time.monotonic()  # the first item's clock starts now
                     continue
@@ -265,8 +268,8 @@ class _Pool:
                 if not worker.ready or worker.loading:
                     raise fail(
                         worker,
-                        f"ran past load_timeout_s={load_timeout_s:g} s (a module slow to "
-                        "import on a loaded machine? raise load_timeout_s)",
+                        f"took longer than load_timeout_s={load_timeout_s:g} s; raise "
+                        "load_timeout_s if it is only slow to import (a busy machine)",
                     )
                 give_up_on(worker)
         assert all(v is not None for v in verdicts)
