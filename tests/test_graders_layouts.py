@@ -121,6 +121,12 @@ def test_grader_for_layout(layout, source, grader):
     assert grader_for_layout(layout, source) is grader
 
 
+def test_every_layout_the_loader_detects_has_a_grader():
+    from wise_callback.problem_layouts import _LAYOUTS
+
+    assert {layout.name for layout in _LAYOUTS} == set(LAYOUTS)
+
+
 def test_grader_for_layout_refuses_an_unknown_layout():
     with pytest.raises(ValueError, match="unknown problem layout 'mmlu'; known: prompt_answer"):
         grader_for_layout("mmlu")
