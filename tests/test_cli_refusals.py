@@ -134,9 +134,12 @@ def header_cases(data: bytes) -> dict[str, tuple[bytes, str]]:
 
     entry = header[name]
     return {
-        "empty": (b"", "header size does not fit"),
-        "truncated-header": (data[: 8 + length // 2], "header size does not fit"),
-        "length-beyond-file": ((10 * len(data)).to_bytes(8, "little") + data[8:], "does not fit"),
+        "empty": (b"", "bad header size"),
+        "truncated-header": (data[: 8 + length // 2], "bad header size"),
+        "length-beyond-file": (
+            (10 * len(data)).to_bytes(8, "little") + data[8:],
+            "bad header size",
+        ),
         "bad-json": (data[:8] + b"{" * length + data[8 + length :], "unreadable header"),
         "not-an-object": ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
         "entry-not-an-object": (with_entry([1]), f"entry of tensor {name} is not an object"),

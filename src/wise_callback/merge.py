@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from wise_callback.files import write_atomically
 from wise_callback.weights import check_alpha, name_listing
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ def merge_checkpoints(
             weight_map = {n: f for f, names in layout.items() for n in names}
             index = {"metadata": {**latest.index_metadata, "total_size": total}}
             index["weight_map"] = dict(sorted(weight_map.items()))
-            _write_text(tmp / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+            text = json.dumps(index, indent=2) + "\n"
+            write_atomically(tmp / SAFETENSORS_INDEX, lambda t: t.write_text(text), fsync=True)
         _copy_other_files(latest, tmp)
         _replace_dir(tmp, out)
     except BaseException:
@@ -387,10 +389,7 @@ def _header(path: Path) -> dict[str, TensorInfo]:
         prefix = f.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if length < 0 or 8 + length > size:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file (its header size does not fit "
-                f"the file's {size} bytes)"
-            )
+            raise ValueError(f"{path} is truncated or not a safetensors file (bad header size)")
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -404,8 +403,7 @@ def _header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
-    """One header entry, checked: a known dtype, a shape of sizes, a byte range inside the file
-    that holds exactly shape x itemsize bytes."""
+    """One header entry, checked: a known dtype, a shape, a byte range inside the file that fits."""
     if not isinstance(entry, dict):
         raise ValueError(f"{path} is corrupt: the header entry of tensor {name} is not an object")
     dtype_name, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
@@ -449,10 +447,3 @@ def _pickle_infos(path: Path, cache: dict[Path, dict[str, torch.Tensor]]) -> dic
 def _safetensors_name(file_name: str) -> str:
     """pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors; others unchanged."""
     return re.sub(r"^pytorch_model(.*)\.bin$", r"model\1.safetensors", file_name)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
