@@ -170,3 +170,16 @@ def test_every_malformed_header_is_one_line_naming_the_file(inputs, tmp_path, ca
         err = refused_in_process(capsys, argv)
         assert named in err and str(bad / "model.safetensors") in err, (case, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bug_after_the_checks_keeps_its_traceback(inputs, monkeypatch):
+    """Only the up-front checks become one-line refusals: a TypeError raised by the work itself
+    (here injected into the evaluation) reaches the user whole, not as a tidy 'error:' line."""
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the evaluation")
+
+    monkeypatch.setattr("wise_callback.offline.evaluate_checkpoints", broken)
+    monkeypatch.chdir(inputs)
+    with pytest.raises(TypeError, match="a bug in the evaluation"):
+        main(eval_args("--quiet"))
