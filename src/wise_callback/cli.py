@@ -184,15 +184,16 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from wise_callback import grading
-    from wise_callback.evaluate import EvalConfig, read_problems
+    from wise_callback.evaluate import EvalConfig
     from wise_callback.files import write_text_atomically
     from wise_callback.merge import read_checkpoints
     from wise_callback.offline import evaluate_checkpoints
+    from wise_callback.problems import load_problems
     from wise_callback.report import format_table
     from wise_callback.sampling import SamplingConfig
 
     with checking_input():  # the inputs, before the models are loaded
-        problems = read_problems(args.problems)
+        problems = load_problems(args.problems)
         config = EvalConfig(
             num_samples=args.num_samples,
             ks=tuple(args.ks) if args.ks else None,

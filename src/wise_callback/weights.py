@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from wise_callback.files import write_atomically
+from wise_callback.sharding import local_tensor
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -43,17 +43,12 @@ def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     Tied weights appear once, under their first name. DTensors (FSDP2) give their local shard.
     """
-    # No tensor can be a DTensor before its module was imported, so never import it ourselves:
-    # that would add about a second to every `wise-ft merge`.
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     tensors: dict[str, torch.Tensor] = {}
     named = [*module.named_parameters(remove_duplicate=True), *module.named_buffers()]
     for name, tensor in named:
         if tensor is None or not tensor.is_floating_point():
             continue
-        if dtensor is not None and isinstance(tensor, dtensor):
-            tensor = tensor.to_local()
-        tensors[name] = tensor.detach()
+        tensors[name] = local_tensor(tensor).detach()
     return tensors
 
 

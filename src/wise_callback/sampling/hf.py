@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
@@ -37,6 +36,7 @@ from wise_callback.sampling.base import (
     prompt_seed,
     prompt_token_ids,
 )
+from wise_callback.sharding import is_collective
 
 
 class HFSampler:
@@ -90,7 +90,7 @@ class HFSampler:
         vocab_size = self.model.get_input_embeddings().num_embeddings
         ids = prompt_token_ids(prompts, self.tokenizer, vocab_size)
         batches = self._batches(ids, n, config.max_new_tokens)
-        lockstep = _is_sharded(self.model)
+        lockstep = is_collective(self.model)
         if lockstep:
             count = torch.tensor([len(batches)])
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -296,13 +296,3 @@ def _eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return list(dict.fromkeys(ids))
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """An FSDP2 (`fully_shard`) model across several processes: forwards are collective."""
-    return (
-        dist.is_available()
-        and dist.is_initialized()
-        and dist.get_world_size() > 1
-        and any(isinstance(p, DTensor) for p in model.parameters())
-    )

@@ -32,11 +32,7 @@ from wise_callback.sampling.base import (
     prompt_seed,
     prompt_token_ids,
 )
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+from wise_callback.sharding import full_tensor, local_tensor
 
 ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 _RESERVED = {"model", "tokenizer", "load_format", "skip_tokenizer_init"}
@@ -60,6 +56,13 @@ def import_vllm():
             "HFSampler needs neither."
         ) from error
     return vllm
+
+
+def engine_option_names() -> set[str]:
+    """The keyword arguments `vllm.LLM` accepts as engine options (the fields of EngineArgs)."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(import_vllm().EngineArgs)}
 
 
 class VLLMSampler:
@@ -212,17 +215,14 @@ def _shutdown() -> None:
 def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's state by its transformers names; DTensor shards are gathered one at a time."""
     for name, tensor in model.state_dict().items():
-        if DTensor is not None and isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
+        yield name, full_tensor(tensor).detach()
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
     """Storage and version counter of every parameter and buffer: changes with any in-place
     update or replacement, costs no pass over the data."""
     tensors = [*model.parameters(), *model.buffers()]
-    local = [t.to_local() if DTensor is not None and isinstance(t, DTensor) else t for t in tensors]
-    return tuple((t.data_ptr(), t._version) for t in local)
+    return tuple((local_tensor(t).data_ptr(), local_tensor(t)._version) for t in tensors)
 
 
 def _architecture(model: torch.nn.Module) -> str:
