@@ -69,13 +69,12 @@ def refused_in_process(capsys, argv: list[str]) -> str:
 
 
 def test_eval_refuses_a_problems_line_that_is_not_an_object(inputs, capsys):
-    assert "problem 1 is a list, not a mapping" in refusal(
-        inputs, *eval_args(problems="array.jsonl")
-    )
+    err = refusal(inputs, *eval_args(problems="array.jsonl"))
+    assert "array.jsonl, line 2: a JSON list, not an object" in err
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(inputs)
         err = refused_in_process(capsys, eval_args(problems="number.jsonl"))
-    assert "problem 0 is a int, not a mapping" in err
+    assert "number.jsonl, line 1: a JSON int, not an object" in err
 
 
 def test_eval_refuses_an_unwritable_out_before_anything_else(inputs, capsys):
