@@ -62,6 +62,7 @@ class SFTModule(L.LightningModule):
 
             # Shard over the data-parallel axis alone: the whole (data, tensor) mesh would
             # replicate every parameter over the size-1 tensor axis and shard nothing.
+            assert self.device_mesh is not None, "multi-device runs use fsdp2_strategy"
             mesh = self.device_mesh["data_parallel"]
             for layer in self.model.model.layers:
                 fully_shard(layer, mesh=mesh)

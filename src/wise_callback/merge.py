@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from tqdm.auto import tqdm
@@ -421,7 +421,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
     return TensorInfo(path, dtype, tuple(shape), start, end)
 
 
-def _naturals(value: Any) -> bool:
+def _naturals(value: Any) -> TypeGuard[list[int]]:
     """Whether `value` is a JSON list of integers >= 0 (as shapes and offsets must be)."""
     return isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
