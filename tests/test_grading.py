@@ -216,7 +216,7 @@ def test_grade_many_inline_grades_lambdas_with_workers_zero():
         lambda c, r: Verdict(c, c == r), ["a", "b"], ["a", "a"], workers=0
     )
     assert [v.correct for v in verdicts] == [True, False] and timed_out == 0
-    assert grade_many(exact_match, [], []) == ([], 0)
+    assert tuple(grade_many(exact_match, [], [])) == ([], 0)
 
 
 def test_grade_many_pool_keeps_order_and_reuses_workers():

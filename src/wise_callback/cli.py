@@ -146,18 +146,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-GRADERS = {
-    "exact": "exact_match",
-    "numeric": "numeric_match",
-    "math": "math_verify_match",
-}
+GRADER_NAMES = ("auto", "boxed", "exact", "gsm8k", "math", "numeric")
+"""`--grader` choices: wise_callback.grading.GRADERS by name, or "auto" (per problem layout)."""
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--early", required=True, metavar="DIR", help="early SFT checkpoint")
     parser.add_argument("--latest", required=True, metavar="DIR", help="latest checkpoint")
     parser.add_argument(
-        "--problems", required=True, metavar="FILE", help='JSONL lines {"prompt", "answer"}'
+        "--problems",
+        required=True,
+        metavar="FILE",
+        help="JSONL / JSON / parquet: ours, GSM8K, MATH, AIME or verl layout",
     )
     parser.add_argument(
         "--alphas",
@@ -167,7 +167,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights on LATEST, each in [0, 1]",
     )
     parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf")
-    parser.add_argument("--grader", choices=sorted(GRADERS), default="math")
+    parser.add_argument(
+        "--grader",
+        choices=GRADER_NAMES,
+        default="math",
+        help="auto: by each problem's layout (GSM8K: gsm8k, MATH/AIME: boxed, ours: math)",
+    )
     parser.add_argument("--num-samples", type=int, default=16, help="completions per problem")
     parser.add_argument("--ks", type=int, nargs="+", help="default: 1, 2, 4, ... num-samples")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -206,7 +211,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.early,
         args.latest,
         problems,
-        getattr(grading, GRADERS[args.grader]),
+        grading.AUTO if args.grader == grading.AUTO else grading.GRADERS[args.grader],
         config,
         alphas=args.alphas,
         sampler=args.sampler,

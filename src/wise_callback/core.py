@@ -40,7 +40,7 @@ from wise_callback.comparisons import (
 )
 from wise_callback.evaluate import CURRENT, Evaluation, evaluate
 from wise_callback.generations import format_samples, sample_rows, write_generations, write_jsonl
-from wise_callback.grading import Grader, exact_match
+from wise_callback.grading import Grader, check_timeouts, exact_match
 from wise_callback.options import (
     CollapseOptions,
     EvalOptions,
@@ -365,12 +365,9 @@ class WiSEFTCore:
         best = best_record(records, self.select_metric)
         metrics[f"wiseft/best/{self.select_metric}"] = float(best[self.select_metric])
         metrics["wiseft/best_alpha"] = float(best["alpha"])
-        timed_out = sum(r["timed_out"] for r in records)
-        if timed_out:
-            self._warn(
-                f"grading timed out on {timed_out} completions at step {result.step} (counted "
-                f"as wrong); raise evaluation.grade_timeout_s if the grader needs longer"
-            )
+        late = check_timeouts(sum(r["timed_out"] for r in records), _samples(records))
+        if late is not None:
+            self._warn(f"step {result.step}: {late}")
         collapsed = not baseline and self._watch_collapse(current, values[current["alpha"]])
         metrics["wiseft/collapse"] = float(collapsed)
         self._emit_metrics(metrics, result.step)
@@ -465,6 +462,10 @@ class WiSEFTCore:
         self._last_grid = state_dict.get("last_grid")
         self._files.load_state_dict(state_dict)
         self.snapshot = None  # reloaded from its file in begin()
+
+
+def _samples(records: list[dict[str, Any]]) -> int:
+    return sum(r["num_samples"] for r in records)
 
 
 def _lists(values: PerProblem) -> dict[float, dict[str, list[float]]]:

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard
 import torch
 from tqdm.auto import tqdm
 
-from wise_callback.files import write_atomically
+from wise_callback.files import replace_folder, write_atomically
 from wise_callback.weights import check_alpha, name_listing
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def merge_checkpoints(
             text = json.dumps(index, indent=2) + "\n"
             write_atomically(tmp / SAFETENSORS_INDEX, lambda t: t.write_text(text), fsync=True)
         _copy_other_files(latest, tmp)
-        _replace_dir(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -359,26 +359,6 @@ def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:
             latest.folder,
             ", ".join(skipped),
         )
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old OUT_DIR (--force) is removed only after."""
-    if not out.exists():
-        os.rename(tmp, out)
-    else:
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old / out.name, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _header(path: Path) -> dict[str, TensorInfo]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from wise_callback.checks import check_bool, check_choice, check_float, check_int
+from wise_callback.grading import LOAD_TIMEOUT_S
 
 ON_COLLAPSE = ("warn", "stop")
 
@@ -166,8 +167,11 @@ class EvalOptions:
 
     Args:
         grade_timeout_s, grade_workers: per-completion grading timeout, and grading worker
-            processes (None: exact/numeric matching in this process, other graders in a pool
-            with the timeout; 0: always in this process, no timeout).
+            processes (None: exact/numeric/gsm8k matching in this process, other graders in a
+            pool with the timeout; 0: always in this process, no timeout).
+        grade_load_timeout_s: how long a grading worker may take to start and load the grader
+            (a grader in your training script loads that script), apart from the per-item
+            timeout.
         max_problems: evaluate a fixed subset of this many problems (chosen with the seed).
         eval_at_start: evaluate the weights at step 0 (alpha = 1.0), a baseline.
         time_budget_s: seconds of sampling per evaluation; when they run out, sampling stops
@@ -180,6 +184,7 @@ class EvalOptions:
 
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
+    grade_load_timeout_s: float = LOAD_TIMEOUT_S
     max_problems: int | None = None
     eval_at_start: bool = False
     time_budget_s: float | None = None
@@ -190,6 +195,7 @@ class EvalOptions:
         check_bool("evaluation.keep_pass1", self.keep_pass1)
         check_float("evaluation.grade_timeout_s", self.grade_timeout_s, positive=True)
         check_int("evaluation.grade_workers", self.grade_workers, minimum=0, optional=True)
+        check_float("evaluation.grade_load_timeout_s", self.grade_load_timeout_s, positive=True)
         check_int("evaluation.max_problems", self.max_problems, minimum=1, optional=True)
         check_bool("evaluation.eval_at_start", self.eval_at_start)
         check_float("evaluation.time_budget_s", self.time_budget_s, positive=True, optional=True)

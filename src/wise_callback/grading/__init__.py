@@ -6,7 +6,14 @@ A grader is any callable `(completion, reference) -> Verdict`; see matchers.py f
 extraction rules, pool.py for the pool and the policy for timed-out items.
 """
 
-from wise_callback.grading.choose import GRADERS, LAYOUTS, check_grader, grader_for_layout
+from wise_callback.grading.choose import (
+    AUTO,
+    GRADERS,
+    LAYOUTS,
+    check_grader,
+    grader_for_layout,
+    graders_for,
+)
 from wise_callback.grading.matchers import (
     MAX_ANSWER_CHARS,
     Grader,
@@ -33,6 +40,7 @@ from wise_callback.grading.pool import (
 )
 
 __all__ = [
+    "AUTO",
     "GRADERS",
     "LAYOUTS",
     "LOAD_TIMEOUT_S",
@@ -51,6 +59,7 @@ __all__ = [
     "extract_answer",
     "grade_many",
     "grader_for_layout",
+    "graders_for",
     "gsm8k_match",
     "has_math_verify",
     "math_verify_match",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from wise_callback.grading.matchers import (
@@ -52,6 +53,21 @@ def grader_for_layout(layout: str, source: str | None = None) -> Grader:
     if layout == "gsm8k" or (layout == "verl" and "gsm8k" in (source or "").lower()):
         return gsm8k_match
     return boxed_match
+
+
+AUTO = "auto"
+"""The grader name that picks a grader per problem from its layout (`graders_for`)."""
+
+
+def graders_for(problems: Sequence[Mapping[str, Any]], grader: Grader | str) -> list[Grader]:
+    """One grader per problem: `grader` itself, or with AUTO the one `grader_for_layout` picks
+    from the problem's "layout" and its "data_source" (verl) or "source"."""
+    if grader != AUTO:
+        return [grader] * len(problems)  # type: ignore[list-item]
+    return [
+        grader_for_layout(p.get("layout", "prompt_answer"), p.get("data_source") or p.get("source"))
+        for p in problems
+    ]
 
 
 def check_grader(grader: Any) -> None:

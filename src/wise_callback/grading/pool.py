@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, NamedTuple
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -38,12 +39,18 @@ class GradingError(RuntimeError):
     Verdict) on an item, could not be loaded in a worker, or too many items timed out."""
 
 
-class GradeResult(NamedTuple):
+@dataclass(frozen=True)
+class GradeResult:
     """Verdicts in input order, and how many items did not finish: timed out, or their worker
-    died (each such item is a Verdict(None, False)). Unpacks as `verdicts, timed_out`."""
+    died (each such item is a Verdict(None, False)), and which (`timed_out_items`, indices).
+    Unpacks as `verdicts, timed_out`."""
 
     verdicts: list[Verdict]
     timed_out: int
+    timed_out_items: tuple[int, ...] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.verdicts, self.timed_out))
 
 
 def check_timeouts(
@@ -196,15 +203,15 @@ class _Pool:
             list(range(i, min(i + chunk, len(completions))))
             for i in range(0, len(completions), chunk)
         )
-        timed_out = 0
+        timed_out: list[int] = []
 
         def give_up_on(worker: _Worker) -> None:
             """The worker's current item (if any: an idle worker can die too) did not finish:
             mark it, requeue the rest of its chunk, replace the worker."""
-            nonlocal timed_out
             if worker.items:
-                verdicts[worker.items.popleft()] = Verdict(None, False)
-                timed_out += 1
+                item = worker.items.popleft()
+                verdicts[item] = Verdict(None, False)
+                timed_out.append(item)
                 bar.update(1)
             if worker.items:
                 todo.appendleft(list(worker.items))
@@ -273,7 +280,7 @@ class _Pool:
                     )
                 give_up_on(worker)
         assert all(v is not None for v in verdicts)
-        return GradeResult(verdicts, timed_out)  # type: ignore[arg-type]
+        return GradeResult(verdicts, len(timed_out), tuple(sorted(timed_out)))  # type: ignore[arg-type]
 
 
 _pool: _Pool | None = None
