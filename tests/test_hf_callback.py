@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -117,11 +118,8 @@ def test_metric_for_best_model_keeps_the_checkpoint_the_history_says_is_best(tmp
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert [e["step"] for e in evaluations] == [3, 6, 9, 12]
     # step 3 came before the snapshot: no metric of ours, never the best
-    alpha = max(
-        (r for r in callback.history if r["step"] == best_step),
-        key=lambda r: (r["pass@4"], r["alpha"]),
-    )["alpha"]
-    assert callback.chosen_alpha == alpha
+    assert callback.final_report["step"] == best_step  # the alpha of the kept weights' grid
+    alpha = callback.chosen_alpha
     expected = merged_reference(recorder.at[best_step], recorder.at[4], alpha)
     assert_same(weights(trainer.model), expected)
     saved = json.loads((tmp_path / f"checkpoint-{best_step}" / "trainer_state.json").read_text())
@@ -171,7 +169,8 @@ def test_importing_and_building_the_hf_door_never_imports_lightning():
 
 def test_collapse_stops_the_trainer_and_calls_back_with_its_objects(tmp_path):
     """The noisy-label task of test_callback.py (8 sums, half with a consistently wrong label):
-    Pass@16 falls while Pass@1 holds; on_collapse="stop" ends the Trainer's run there."""
+    Pass@16 falls while Pass@1 holds; on_collapse="stop" ends the Trainer's run there (8
+    problems cannot give a paired z of 2: the threshold is 1, as in test_callback.py)."""
     tokenizer = char_tokenizer()
     rows = []
     for i, (a, b) in enumerate(NoisyLabels.PAIRS):
@@ -181,7 +180,8 @@ def test_collapse_stops_the_trainer_and_calls_back_with_its_objects(tmp_path):
     problems = [{"prompt": f"{a}+{b}=", "answer": str((a + b) % 10)} for a, b in NoisyLabels.PAIRS]
     callback = WiSEFTTrainerCallback(
         problems, snapshot_at=5, eval_every_n_steps=5, num_samples=16, ks=(1, 16), alphas=(0.5,),
-        collapse={"min_drop": 0.1, "patience": 2, "on_collapse": "stop"}, max_new_tokens=2,
+        collapse={"min_drop": 0.1, "z_threshold": 1.0, "patience": 2, "on_collapse": "stop"},
+        max_new_tokens=2,
         sample_logging={"progress": False},
     )  # fmt: skip
     args = toy_arguments(tmp_path, max_steps=200, per_device_train_batch_size=len(rows))
@@ -197,12 +197,14 @@ def test_collapse_stops_the_trainer_and_calls_back_with_its_objects(tmp_path):
 
     seen = []
     watcher = WiSEFTTrainerCallback(
-        problems, tokenizer, collapse={"patience": 1, "on_collapse": lambda *a: seen.append(a)}
+        problems, tokenizer, collapse={"on_collapse": lambda *a: seen.append(a)}
     )
     watcher._event(trainer.args, trainer.state, trainer.control)
     with pytest.warns(UserWarning, match="diversity collapse at step 2"):
-        for step, pass_k in ((1, 0.9), (2, 0.5)):
-            watcher._watch_collapse({"step": step, "pass@16": pass_k, "mean_rho": 0})
+        for step, pass_k in ((1, 1.0), (2, 0.0)):
+            array = np.full(len(problems), pass_k)
+            record = {"step": step, "pass@16": pass_k, "mean_rho": 0}
+            watcher._watch_collapse({**record, **watcher._watch.compare(array)}, {"passk": array})
     assert [(a, s, c, info["step"]) for a, s, c, info in seen] == [
         (trainer.args, trainer.state, trainer.control, 2)
     ]

@@ -26,6 +26,7 @@ from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
 from wise_callback.demo.task import make_splits
 from wise_callback.files import write_text_atomically
 from wise_callback.grading import exact_match
+from wise_callback.options import SampleLogging, SamplingOptions
 from wise_callback.report import format_table, ks_of, plot_history, table_rows
 
 
@@ -99,9 +100,8 @@ def run_demo(
         sampler=sampler,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
-        stop=["\n"],
-        seed=seed,
-        progress=progress,
+        sampling=SamplingOptions(stop=["\n"], seed=seed),
+        sample_logging=SampleLogging(progress=progress),
     )
     trainer = L.Trainer(
         max_steps=settings.sft_steps,
