@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
 
 from helpers import assert_same, weights
 from hf_toy import WeightRecorder, toy_arguments, toy_options, toy_train_set, toy_trainer
@@ -139,6 +139,9 @@ def test_bad_trainer_settings_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="processing_class"):
         trainer.train()
     assert trainer.state.global_step == 0
+    # driven by anything but a Trainer holding it: a clear error, not a silent non-logging run
+    with pytest.raises(RuntimeError, match=r"must be called by a transformers\.Trainer"):
+        no_tokenizer.on_train_begin(trainer.args, TrainerState(), TrainerControl())
 
 
 def test_save_merged_to_writes_the_merged_model(tmp_path):
