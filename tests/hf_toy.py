@@ -8,8 +8,8 @@ The training is made to match the Lightning toy's step for step: the same init, 
 training set as one batch per step in a fixed order, `torch.optim.AdamW(lr=3e-3)` at a constant
 rate, no clipping, and the loss as the model's own mean (`model_accepts_loss_kwargs=False`).
 The script checkpoints every 3 steps and writes into DIR: the Trainer's checkpoints and
-history.jsonl, `merged/` (save_merged_to), `history.json` (the callback's history and chosen
-alpha, rank 0), `final_rank{r}.safetensors` (each rank's weights after the merge),
+history.jsonl, `merged/` (save_merged_to), `history.json` (the callback's history, chosen alpha
+and sampler class, rank 0), `final_rank{r}.safetensors` (each rank's weights after the merge),
 `premerge.safetensors` and `snapshot.safetensors` (rank 0). It prints "STEP n" after each step.
 """
 
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
         save_file(recorder.premerge, str(parsed.out / "premerge.safetensors"))
         tensors = {n: t.contiguous() for n, t in callback.snapshot.tensors.items()}
         save_file(tensors, str(parsed.out / "snapshot.safetensors"))
-        summary = {"history": callback.history, "chosen_alpha": callback.chosen_alpha}
+        summary = {
+            "history": callback.history,
+            "chosen_alpha": callback.chosen_alpha,
+            "sampler": type(callback._sampler).__name__,
+        }
         (parsed.out / "history.json").write_text(json.dumps(summary))
 
 

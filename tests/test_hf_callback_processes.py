@@ -118,6 +118,7 @@ def test_the_vllm_sampler_under_the_trainer_writes_what_the_hf_sampler_writes(tm
     assert [(r["step"], r["alpha"]) for r in vllm_run["history"]] == [
         (4, 0.0), (5, 0.5), (5, 1.0), (6, 0.5), (6, 1.0),
     ]  # fmt: skip
+    assert (vllm_run.pop("sampler"), hf_run.pop("sampler")) == ("VLLMSampler", "HFSampler")
     assert vllm_run == hf_run
     vllm_final = load_file(tmp_path / "vllm" / "final_rank0.safetensors")
     assert_same(vllm_final, load_file(tmp_path / "hf" / "final_rank0.safetensors"))
