@@ -262,9 +262,11 @@ class Concatenation:
 
     def fill(self, alpha: float) -> None:
         """B <- [(1 - alpha) s_e / s B_e, alpha s_l / s B_l], written in place."""
-        split = self.b_early.shape[1]
-        torch.mul(self.b_early, (1.0 - alpha) * self.early_ratio, out=self.b[:, :split])
-        torch.mul(self.b_latest, alpha * self.latest_ratio, out=self.b[:, split:])
+        fill_b(
+            self.b,
+            (self.b_early, (1.0 - alpha) * self.early_ratio),
+            (self.b_latest, alpha * self.latest_ratio),
+        )
 
     def install(self, adapter: str, like: str, requires_grad: bool = False) -> None:
         """Put A and B into the layer under `adapter`, configured like adapter `like`."""
@@ -289,6 +291,15 @@ def uninstall(layer: LoraLayer, adapter: str) -> None:
         del getattr(module, container)[adapter]
     for setting in ("r", "scaling", "lora_alpha", "use_rslora", "lora_bias"):
         getattr(module, setting).pop(adapter, None)
+
+
+def fill_b(b: torch.Tensor, *parts: tuple[torch.Tensor, float]) -> None:
+    """Write each (B_i, weight_i) as weight_i * B_i into consecutive rank columns of `b`."""
+    start = 0
+    for factor, weight in parts:
+        stop = start + factor.shape[1]
+        torch.mul(factor, weight, out=b[:, start:stop])
+        start = stop
 
 
 def peft_scaling(lora_alpha: float, rank: int, use_rslora: bool) -> float:
