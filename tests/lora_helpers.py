@@ -14,10 +14,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def lora_model(tokenizer, *, modules_to_save=("lm_head",), **config) -> PeftModel:
-    """A seed-0 tiny Llama with a fresh LoRA adapter (B = 0: the base model's function)."""
+    """A seed-0 tiny Llama with a fresh, seeded LoRA adapter (B = 0: the base model's function);
+    the same in every process."""
     base = tiny_llama(len(tokenizer), seed=0, tokenizer=tokenizer)
     options = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **config}
-    return get_peft_model(base, LoraConfig(modules_to_save=list(modules_to_save), **options))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(base, LoraConfig(modules_to_save=list(modules_to_save), **options))
 
 
 def train(model: torch.nn.Module, seed: int, scale: float = 0.2) -> None:

@@ -398,7 +398,8 @@ def merged_dense_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.T
 
 def merged_dense_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`merged_dense_tensors` as a state dict for the plain base model (e.g. `save_pretrained(
-    state_dict=...)`). Extra memory: one dense copy of the adapted weights only."""
+    state_dict=...)`). Extra memory: one dense copy of the adapted weights only; the other
+    tensors are the model's own (not copies), so use the dict before the model changes."""
     return dict(merged_dense_tensors(module))
 
 
