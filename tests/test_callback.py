@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 from callback_toy import ToyModule, toy_problems
 from helpers import assert_same, weights
 from wise_callback import Snapshot, WiSEFTCallback, interpolate_
-from wise_callback.grading import exact_match
+from wise_callback.collapse import CollapseWatch
 from wise_callback.sampling import HFSampler
 
-FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
+FAST = dict(num_samples=4, max_new_tokens=3, sample_logging={"progress": False})
 
 
 class Bracket(Callback):
@@ -47,38 +47,6 @@ def trainer_for(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     )
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(problems=[]), "problems is empty"),
-        (dict(problems=[{"prompt": "1+1="}]), "lacks \\['answer'\\]"),
-        (dict(alphas=(0.5, 1.5)), "outside \\[0, 1\\]"),
-        (dict(alphas=(float("nan"),)), "finite"),
-        (dict(ks=(1, 32)), "k=32 .* larger than num_samples=16"),
-        (dict(select_metric="pass@64"), "select_metric='pass@64' is not among"),
-        (dict(select_metric="var_rho"), "larger is better"),
-        (dict(snapshot_at=1.5), "fraction of the planned steps"),
-        (dict(snapshot_at=0), "step >= 1"),
-        (dict(eval_every_n_steps=0), "eval_every_n_steps must be a positive int"),
-        (dict(final_alpha="worst"), "final_alpha must be a float, 'best' or None"),
-        (dict(final_alpha=2.0), "outside \\[0, 1\\]"),
-        (dict(sampler="sglang"), "sampler must be one of"),
-        (dict(on_collapse="panic"), "on_collapse must be"),
-        (dict(collapse_min_drop=-0.1), "collapse_min_drop"),
-        (dict(temperature=-1.0), "temperature"),
-        (dict(problems="/nonexistent/problems.jsonl"), "problems file not found"),
-        (dict(snapshot_dtype="int8"), "floating-point dtype"),
-        (dict(alphas=(0.5, 0.501)), "collide"),
-        (dict(grader="wise_callback.grading.no_such_grader"), "cannot import"),
-    ],
-)
-def test_bad_arguments_fail_in_the_constructor(kwargs, match):
-    arguments = dict(problems=toy_problems(), grader=exact_match)
-    arguments.update(kwargs)
-    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
-        WiSEFTCallback(**arguments)
 
 
 def test_model_attr_finds_the_model():
@@ -228,19 +196,8 @@ def test_a_failing_evaluation_restores_the_weights(tmp_path, fail_on_eval_error)
     assert [r["step"] for r in callback.history] == [2, 8, 8]  # 4 is missing, training went on
 
 
-def test_collapse_warning_fires_once_and_acts(tmp_path):
-    module = ToyModule()
-    seen = []
-    callback = WiSEFTCallback(
-        toy_problems(),
-        module.tokenizer,
-        ks=(1, 4),
-        collapse_min_drop=0.1,
-        collapse_patience=2,
-        on_collapse=lambda trainer, pl_module, info: seen.append(info),
-        **FAST,
-    )
-    trainer = trainer_for(tmp_path, [callback], max_steps=1)
+def test_the_collapse_watch_fires_once_on_a_drop_with_pass1_held():
+    watch = CollapseWatch(min_drop=0.1, patience=2, metric="pass@4")
     records = [  # (step, pass@4, pass@1): peak at 10, then two drops of >= 0.1 with pass@1 up
         (5, 0.6, 0.2),
         (10, 0.9, 0.3),
@@ -252,32 +209,60 @@ def test_collapse_warning_fires_once_and_acts(tmp_path):
         (40, 0.5, 0.5),  # second in a row: fires
         (45, 0.4, 0.6),  # already fired: no second warning
     ]
+    infos = [
+        watch.update({"step": step, "pass@4": pass4, "mean_rho": pass1})
+        for step, pass4, pass1 in records
+    ]
+    assert [info is not None for info in infos] == [False] * 7 + [True, False]
+    assert watch.fired
+    assert infos[7] == {
+        "step": 40,
+        "metric": "pass@4",
+        "best": 0.9,
+        "best_step": 10,
+        "current": 0.5,
+        "pass@1_at_best": 0.3,
+        "pass@1": 0.5,
+        "evaluations_in_a_row": 2,
+    }
+    resumed = CollapseWatch(min_drop=0.1, patience=2, metric="pass@4")
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed == watch
+
+
+def test_the_callback_warns_once_and_acts_on_collapse(tmp_path):
+    module = ToyModule()
+    seen = []
+    callback = WiSEFTCallback(
+        toy_problems(),
+        module.tokenizer,
+        ks=(1, 4),
+        collapse={
+            "min_drop": 0.1,
+            "patience": 1,
+            "on_collapse": lambda *args: seen.append(args),
+        },
+        **FAST,
+    )
+    trainer = trainer_for(tmp_path, [callback], max_steps=1)
+    callback._trainer, callback._pl_module = trainer, module
     fired = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step, pass4, pass1 in records:
-            record = {"step": step, "pass@4": pass4, "mean_rho": pass1}
-            fired.append(callback._check_collapse(trainer, module, record))
-    assert fired == [False] * 7 + [True, True]
+        for step, pass4 in ((1, 0.9), (2, 0.5), (3, 0.4)):
+            record = {"step": step, "pass@4": pass4, "mean_rho": 0.5}
+            fired.append(callback._watch_collapse(record))
+    assert fired == [False, True, True]
     messages = [str(w.message) for w in caught if "collapse" in str(w.message)]
     assert len(messages) == 1
-    assert "step 40: pass@4 fell from 0.9000 (step 10) to 0.5000" in messages[0]
-    assert seen == [
-        {
-            "step": 40,
-            "metric": "pass@4",
-            "best": 0.9,
-            "best_step": 10,
-            "current": 0.5,
-            "pass@1_at_best": 0.3,
-            "pass@1": 0.5,
-            "evaluations_in_a_row": 2,
-        }
-    ]
-    stopping = WiSEFTCallback(toy_problems(), module.tokenizer, on_collapse="stop", **FAST)
-    stopping.collapse_patience = 1
+    assert "step 2: pass@4 fell from 0.9000 (step 1) to 0.5000" in messages[0]
+    assert [(t, m, info["step"]) for t, m, info in seen] == [(trainer, module, 2)]
+    stopping = WiSEFTCallback(
+        toy_problems(), module.tokenizer, collapse={"on_collapse": "stop", "patience": 1}, **FAST
+    )
+    stopping._trainer = trainer
     for step, pass_k in ((1, 0.9), (2, 0.5)):
-        stopping._check_collapse(trainer, module, {"step": step, "pass@4": pass_k, "mean_rho": 0})
+        stopping._watch_collapse({"step": step, "pass@4": pass_k, "mean_rho": 0})
     assert trainer.should_stop
 
 
@@ -304,15 +289,15 @@ def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
     module = NoisyLabels(lr=1e-2)
     callback = WiSEFTCallback(
         module.problems(), module.tokenizer, snapshot_at=5, eval_every_n_steps=5, num_samples=16,
-        ks=(1, 16), alphas=(0.5,), collapse_min_drop=0.1, collapse_patience=2,
-        on_collapse="stop", max_new_tokens=2, progress=False,
+        ks=(1, 16), alphas=(0.5,), collapse={"min_drop": 0.1, "patience": 2, "on_collapse": "stop"},
+        max_new_tokens=2, sample_logging={"progress": False},
     )  # fmt: skip
     trainer = trainer_for(tmp_path, [callback], max_steps=200)
     with pytest.warns(UserWarning, match=r"diversity collapse at step \d+: pass@16 fell from"):
         trainer.fit(module)
     assert trainer.global_step < 200  # stopped
     current = [r for r in callback.history if r["alpha"] in (0.0, 1.0)]
-    last, state = current[-1], callback._collapse
+    last, state = current[-1], callback._watch
     assert last["step"] == trainer.global_step and state.fired and callback.collapse_detected
     assert state.best == max(r["pass@16"] for r in current) >= last["pass@16"] + 0.1
     assert last["pass@1"] >= state.best_pass1
@@ -325,7 +310,7 @@ def test_bf16_mixed_a_bf16_snapshot_and_a_fixed_alpha(tmp_path):
     before = Bracket()
     callback = WiSEFTCallback(
         toy_problems(3), module.tokenizer, snapshot_at=2, eval_every_n_steps=3,
-        alphas=(0.5,), final_alpha=0.25, snapshot_dtype="bfloat16", **FAST,
+        alphas=(0.5,), final_alpha=0.25, snapshotting={"dtype": "bfloat16"}, **FAST,
     )  # fmt: skip
     trainer_for(tmp_path, [before, callback], max_steps=4, precision="bf16-mixed").fit(module)
     assert [(r["step"], r["alpha"]) for r in callback.history] == [

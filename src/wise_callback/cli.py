@@ -110,9 +110,10 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from wise_callback import grading
-    from wise_callback.evaluate import EvalConfig, read_problems
+    from wise_callback.evaluate import EvalConfig
     from wise_callback.files import write_text_atomically
     from wise_callback.offline import evaluate_checkpoints
+    from wise_callback.problems import load_problems
     from wise_callback.report import format_table
     from wise_callback.sampling import SamplingConfig
 
@@ -126,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     evaluation = evaluate_checkpoints(
         args.early,
         args.latest,
-        read_problems(args.problems),
+        load_problems(args.problems),
         getattr(grading, GRADERS[args.grader]),
         config,
         alphas=args.alphas,

@@ -25,13 +25,10 @@ are saved and restored around sampling, so evaluating never changes the training
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +37,7 @@ from tqdm.auto import tqdm
 
 from wise_callback.grading import Grader, grade_many
 from wise_callback.metrics import answer_diversity, collapse_stats, majority_at_k
+from wise_callback.problems import check_problems
 from wise_callback.sampling import Completion, Sampler, SamplingConfig
 from wise_callback.sharding import is_sharded, reshard
 from wise_callback.stats import generation_health, standard_errors
@@ -142,53 +140,6 @@ def check_alphas(alphas: Iterable[float]) -> tuple[float, ...]:
     """Alphas as sorted unique floats in [0, 1]; ValueError naming a bad one."""
     values = [check_alpha(a) for a in alphas]
     return tuple(sorted(set(values)))
-
-
-def check_problems(problems: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Problems as a list of dicts with a "prompt" (text or token ids) and an "answer" (a string;
-    numbers are turned into their string form). Other fields travel along untouched.
-
-    Accepts a list of mappings or anything iterable over row dicts (e.g. a `datasets.Dataset`).
-    """
-    if isinstance(problems, (str, bytes, Mapping)):
-        raise TypeError(
-            "problems must be a list of {'prompt', 'answer'} dicts (or a datasets.Dataset with "
-            f"those columns), got a {type(problems).__name__}"
-        )
-    rows = list(problems)
-    if not rows:
-        raise ValueError("problems is empty: give at least one {'prompt', 'answer'} problem")
-    checked = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise TypeError(f"problem {index} is a {type(row).__name__}, not a mapping")
-        missing = [key for key in ("prompt", "answer") if key not in row]
-        if missing:
-            raise ValueError(f"problem {index} lacks {missing}; it has keys {sorted(row)}")
-        prompt, answer = row["prompt"], row["answer"]
-        is_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
-        if not ((isinstance(prompt, str) or is_ids) and len(prompt) > 0):
-            raise ValueError(f"problem {index}: prompt must be a non-empty str or token-id list")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise ValueError(f"problem {index}: answer must be a str or a number, got {answer!r}")
-        checked.append({**row, "answer": str(answer)})
-    return checked
-
-
-def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Problems from a JSONL file, one {"prompt", "answer", ...} object per line, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"problems file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from None
-    return check_problems(rows)
 
 
 def evaluation_seed(base: int, step: int | None) -> int:

@@ -12,8 +12,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wise_callback.evaluate import EvalConfig, Evaluation, check_alphas, check_problems, evaluate
+from wise_callback.evaluate import EvalConfig, Evaluation, check_alphas, evaluate
 from wise_callback.grading import Grader
+from wise_callback.problems import check_problems
 from wise_callback.sampling.factory import make_sampler
 from wise_callback.weights import Snapshot
 

@@ -60,6 +60,13 @@ def import_vllm():
     return vllm
 
 
+def engine_option_names() -> set[str]:
+    """The keyword arguments `vllm.LLM` accepts as engine options (the fields of EngineArgs)."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(import_vllm().EngineArgs)}
+
+
 class VLLMSampler:
     """Samples with an in-process `vllm.LLM` that generates with `model`'s weights.
 
