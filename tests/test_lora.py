@@ -204,3 +204,21 @@ def _ia3():
     from peft import IA3Config
 
     return IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+def test_dense_merged_model_saves_through_save_merged(ends, tmp_path, tokenizer):
+    """The "dense merged model" option: the plain base model's save_pretrained with the merged
+    state dict, through the same atomic save_merged the core uses for full models."""
+    from transformers import AutoModelForCausalLM
+
+    from wise_callback.lora import merged_dense_state_dict
+    from wise_callback.outputs import save_merged
+
+    model, snapshot, _, _ = ends
+    interpolate_(model, snapshot, ALPHA)
+    state = merged_dense_state_dict(model)
+    assert state.keys() == tiny_llama(len(tokenizer), seed=0).state_dict().keys()
+    save_merged(model.get_base_model(), tokenizer, tmp_path / "dense", {"alpha": ALPHA}, state)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    torch.testing.assert_close(logits(saved, IDS), logits(model, IDS), rtol=0, atol=1e-5)
+    assert not any("lora" in n for n in saved.state_dict())
