@@ -23,9 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from wise_callback.files import replace_folder
 from wise_callback.lora import fill_b, peft_scaling
-from wise_callback.merge import OTHER_WEIGHT_SUFFIXES, _check_output, _replace_dir
-from wise_callback.weights import check_alpha, name_listing
+from wise_callback.merge import OTHER_WEIGHT_SUFFIXES, _check_output
+from wise_callback.weights import check_alpha, name_mismatch
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -83,7 +84,7 @@ def merge_adapters(
         for path in tmp.iterdir():
             with path.open("rb") as file:
                 os.fsync(file.fileno())
-        _replace_dir(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -175,15 +176,9 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_same_tensors(early: dict[str, torch.Tensor], latest: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(latest) - set(early))
-    unexpected = sorted(set(early) - set(latest))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"only in LATEST: {name_listing(missing)}")
-        if unexpected:
-            parts.append(f"only in EARLY: {name_listing(unexpected)}")
-        raise ValueError("the adapters hold different tensors; " + "; ".join(parts))
+    mismatch = name_mismatch(sorted(latest), sorted(early), "only in LATEST", "only in EARLY")
+    if mismatch:
+        raise ValueError("the adapters hold different tensors; " + mismatch)
     for name, tensor in latest.items():
         if early[name].shape != tensor.shape:
             raise ValueError(

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +290,23 @@ def name_listing(names: list[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
+def name_mismatch(
+    ours: Iterable[str], theirs: Iterable[str], only_ours: str, only_theirs: str
+) -> str:
+    """What differs between two name sets, e.g. "only in A: x, y; only in B: z" ("" if none)."""
+    ours, theirs = list(ours), list(theirs)
+    our_set, their_set = set(ours), set(theirs)
+    parts = [
+        f"{label}: {name_listing(names)}"
+        for label, names in (
+            (only_ours, [n for n in ours if n not in their_set]),
+            (only_theirs, [n for n in theirs if n not in our_set]),
+        )
+        if names
+    ]
+    return "; ".join(parts)
+
+
 def _lora(module: torch.nn.Module) -> Any:
     """The `wise_callback.lora` module when `module` holds PEFT layers, else None."""
     if "peft" not in sys.modules:
@@ -313,15 +330,11 @@ def pair_by_name(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(module tensor, snapshot tensor) by name, in `current`'s order, after checking names,
     shapes and finiteness."""
-    missing = [n for n in current if n not in snapshot.tensors]
-    unexpected = [n for n in snapshot.tensors if n not in current]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the snapshot: {name_listing(missing)}")
-        if unexpected:
-            parts.append(f"not in the module: {name_listing(unexpected)}")
-        raise ValueError("snapshot does not match the module; " + "; ".join(parts))
+    mismatch = name_mismatch(
+        current, snapshot.tensors, "missing from the snapshot", "not in the module"
+    )
+    if mismatch:
+        raise ValueError("snapshot does not match the module; " + mismatch)
     for name, tensor in current.items():
         early = snapshot.tensors[name]
         if early.shape != tensor.shape:
