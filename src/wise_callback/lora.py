@@ -123,8 +123,9 @@ class LoraModel:
         self.adapter: str = next(iter(active))[0]
         if self.adapter == TEMPORARY_ADAPTER:
             raise RuntimeError("the model is inside another alpha_sweep/interpolated block")
-        self.layers = [self._layer(name, sub) for name, sub in layers]
-        self.layers = [layer for layer in self.layers if layer is not None]
+        self.layers = [
+            layer for name, sub in layers if (layer := self._layer(name, sub)) is not None
+        ]
         if not self.layers:
             raise ValueError(f"no LoRA layer holds the active adapter {self.adapter!r}")
         self.saved_modules = {
@@ -215,9 +216,11 @@ class LoraModel:
         return [pair for name, pair in zip(current, pairs, strict=True) if name not in factors]
 
     def concatenations(self, snapshot: Snapshot) -> list[Concatenation]:
-        """The rank-concatenated interpolant of every layer, allocated and ready to `fill`."""
+        """The rank-concatenated interpolant of every layer, allocated and ready to `fill`
+        (after `pair` checked the snapshot)."""
+        layers = snapshot.lora["layers"] if snapshot.lora else {}
         return [
-            Concatenation.build(layer, self.adapter, snapshot.lora["layers"][layer.name], snapshot)
+            Concatenation.build(layer, self.adapter, layers[layer.name], snapshot)
             for layer in self.layers
         ]
 
@@ -392,8 +395,8 @@ def merged_dense_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.T
     under the wrapped module's name, everything else as it is. One tensor at a time (DTensors
     gathered one by one), so there is never a dense copy of the whole model.
     """
-    base = module.get_base_model() if callable(getattr(module, "get_base_model", None)) else module
-    yield from _dense(base, "")
+    get_base_model = getattr(module, "get_base_model", None)
+    yield from _dense(get_base_model() if callable(get_base_model) else module, "")
 
 
 def merged_dense_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -430,9 +433,9 @@ def _own_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in module._parameters.items():
         if tensor is not None:
             yield name, _whole(tensor).detach()
-    for name, tensor in module._buffers.items():
-        if tensor is not None and name not in module._non_persistent_buffers_set:
-            yield name, _whole(tensor).detach()
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            yield name, _whole(buffer).detach()
 
 
 def _merged_weight(layer: Any, weight: torch.Tensor) -> torch.Tensor:
@@ -459,10 +462,11 @@ def _whole(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tens
     if like is not None and is_dtensor(like):
         from torch.distributed.tensor import DTensor
 
+        spec: Any = like  # a DTensor
         tensor = DTensor.from_local(
             tensor.to(like.device),
-            like.device_mesh,
-            like.placements,
+            spec.device_mesh,
+            spec.placements,
             run_check=False,
             shape=like.shape,
             stride=like.stride(),

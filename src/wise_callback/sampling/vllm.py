@@ -234,8 +234,9 @@ def _fingerprint(model: torch.nn.Module) -> tuple:
 def _architecture(model: torch.nn.Module) -> str:
     """The transformers class name vLLM maps to its model (skipping FSDP2's wrapper class and a
     PeftModel around it)."""
-    if callable(getattr(model, "get_base_model", None)):
-        model = model.get_base_model()
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):
+        model = get_base_model()
     for cls in type(model).__mro__:
         if cls.__module__.startswith("transformers."):
             return cls.__name__
