@@ -4,20 +4,28 @@ The adapter's A and B cannot be concatenated shard-locally (FSDP2 fixes paramete
 forward needs the whole rank-2r factors), so entering the interpolation all-gathers the small
 adapter tensors (A and B, early and latest: four per LoRA layer) and nothing else; the
 modules_to_save lerp is shard-local. The sharded forward then equals the unsharded interpolant,
-and the local shards are back bit for bit after the block.
+and the local shards are back bit for bit after the block. The final merge (`interpolate_`) leaves
+whole rank-2r factors on every rank, and the core's save path (full_state_dict, save_merged on
+rank 0) writes an adapter that reloads to the interpolant.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from peft import PeftModel
+
+from lora_helpers import logits
+from wise_callback.demo.model import tiny_llama
 
 ALPHA = 0.3
+IDS = torch.arange(4, 40).reshape(3, 12)
 
 
 def shard(model) -> None:
@@ -28,20 +36,22 @@ def shard(model) -> None:
     fully_shard(model)
 
 
-def run_rank(rank: int, init_file: str, results) -> None:
+def run_rank(rank: int, init_file: str, out: str, results) -> None:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from lora_helpers import logits, lora_model, train
+    from lora_helpers import lora_model, train
     from wise_callback.demo.model import char_tokenizer
-    from wise_callback.sharding import reshard
+    from wise_callback.outputs import save_merged
+    from wise_callback.sharding import full_state_dict, reshard
     from wise_callback.weights import Snapshot, interpolate_, interpolated
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        ids = torch.arange(4, 40).reshape(3, 12)
-        early = lora_model(char_tokenizer())
+        ids = IDS
+        tokenizer = char_tokenizer()
+        early = lora_model(tokenizer)
         train(early, seed=1)
         latest = copy.deepcopy(early)
         train(latest, seed=2)
@@ -62,11 +72,13 @@ def run_rank(rank: int, init_file: str, results) -> None:
         after = logits(latest, ids)
         reshard(latest)
         restored = all(torch.equal(p.to_local(), local[n]) for n, p in latest.named_parameters())
-        try:
+        with CommDebugMode() as merge_comm:
             interpolate_(latest, snapshot, ALPHA)
-            refused = ""
-        except ValueError as error:
-            refused = str(error)
+        merged = logits(latest, ids)
+        reshard(latest)
+        state = full_state_dict(latest)  # what the core saves a sharded model from
+        if rank == 0:
+            save_merged(latest, tokenizer, Path(out), {"alpha": ALPHA}, state)
         results[rank] = {
             "capture_comms": capture_comm.get_total_counts(),
             "comms": counts,
@@ -75,7 +87,9 @@ def run_rank(rank: int, init_file: str, results) -> None:
             "after_error": float((after - reference).abs().max()),
             "moved": float((expected - reference).abs().max()),
             "restored": restored,
-            "refused": refused,
+            "merge_comms": merge_comm.get_total_counts(),
+            "merged_error": float((merged - expected).abs().max()),
+            "expected": expected,
         }
     finally:
         dist.barrier()
@@ -83,11 +97,12 @@ def run_rank(rank: int, init_file: str, results) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_interpolation_gathers_only_the_adapter(tmp_path):
+def test_fsdp2_lora_interpolation_gathers_only_the_adapter(tmp_path, tokenizer):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(run_rank, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        out = str(tmp_path / "merged")
+        mp.spawn(run_rank, args=(str(tmp_path / "init"), out, results), nprocs=2, join=True)
         results = dict(results)
     for rank in range(2):
         result = results[rank]
@@ -98,4 +113,10 @@ def test_fsdp2_lora_interpolation_gathers_only_the_adapter(tmp_path):
         assert result["moved"] > 1e-3
         assert result["inside_error"] < 1e-5 and result["after_error"] < 1e-5, result
         assert result["restored"]
-        assert "FSDP2" in result["refused"]
+        assert result["merge_comms"] == gathers
+        assert result["merged_error"] < 1e-5
+    base = tiny_llama(len(tokenizer), seed=0, tokenizer=tokenizer)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "merged")
+    assert reloaded.peft_config["default"].r == 8
+    expected = results[0]["expected"]
+    torch.testing.assert_close(logits(reloaded, IDS), expected, rtol=0, atol=1e-5)

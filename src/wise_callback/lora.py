@@ -18,8 +18,9 @@ adapter name and makes it the layer's active adapter; the user's adapter is neve
 the restore is exact by construction. Under FSDP2 the sharded A and B are all-gathered for this
 (small adapter tensors only): a shard-local concatenation along the rank dim is impossible,
 because FSDP2 fixes each parameter's shape and every forward needs the whole rank-2r factors.
-`commit_` (the final merge) puts the concatenated adapter in place of the user's one and doubles
-r in its config. PEFT is imported lazily; nothing here runs for a model without LoRA layers.
+`commit_` (the final merge) puts the concatenated adapter in place of the user's one (under
+FSDP2: as whole plain tensors on every rank) and doubles r in its config. PEFT is imported
+lazily; nothing here runs for a model without LoRA layers.
 """
 
 from __future__ import annotations
@@ -355,15 +356,12 @@ def commit_(module: torch.nn.Module, snapshot: Snapshot, alpha: float) -> None:
     so `save_pretrained` writes an adapter that `PeftModel.from_pretrained` reloads as it is.
 
     The adapter's parameters are new objects afterwards: an optimizer built before does not see
-    them. Everything is computed before the model changes.
+    them. Under FSDP2 they are whole plain tensors on every rank (FSDP2 fixes the shapes of the
+    parameters it shards; the rank-2r factors are small), the base and modules_to_save stay
+    sharded, and the model runs and saves (`full_state_dict`, `save_pretrained`) as before.
+    Everything is computed before the model changes.
     """
     model = LoraModel(module)
-    if any(is_dtensor(t) for layer in model.layers for t in layer.factors(model.adapter)):
-        raise ValueError(
-            "interpolate_ cannot change the rank of an FSDP2-sharded LoRA adapter in place "
-            "(FSDP2 fixes parameter shapes); use merged_adapter_tensors on every rank and save "
-            "them from rank 0"
-        )
     saved_pairs = model.pair(snapshot)
     config = _config(module, model.adapter)
     with torch.no_grad():
