@@ -25,10 +25,11 @@ IDS = torch.arange(4, 40).reshape(3, 12)
 class LoraToyModule(pl.LightningModule):
     """Causal-LM SFT of the adapter (and lm_head) of a PeftModel at `pl_module.model`."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int | None = 8) -> None:
         super().__init__()
         self.tokenizer = char_tokenizer()
         self.model = lora_model(self.tokenizer)
+        self.batch_size = batch_size
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch, labels=batch).loss
@@ -38,7 +39,7 @@ class LoraToyModule(pl.LightningModule):
         return torch.optim.AdamW(trainable, lr=1e-2)
 
     def train_dataloader(self):
-        return toy_batches(self.tokenizer)
+        return toy_batches(self.tokenizer, self.batch_size)
 
 
 class BeforeMerge(Callback):
@@ -52,9 +53,8 @@ class BeforeMerge(Callback):
         )
 
 
-def test_lightning_fit_of_a_lora_model_merges_and_saves_the_interpolated_adapter(tmp_path):
-    module = LoraToyModule()
-    before = BeforeMerge()
+def fit(root, module, max_steps, callbacks=(), ckpt_path=None, **options) -> WiSEFTCallback:
+    """A real Lightning fit of `module` with WiSEFTCallback (after `callbacks`)."""
     callback = WiSEFTCallback(
         problems=toy_problems(),
         tokenizer=module.tokenizer,
@@ -65,20 +65,27 @@ def test_lightning_fit_of_a_lora_model_merges_and_saves_the_interpolated_adapter
         alphas=(0.5,),
         final_alpha=0.4,
         max_new_tokens=3,
-        save_merged_to=tmp_path / "merged",
         sample_logging={"progress": False},
+        **options,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_steps=8,
-        callbacks=[before, callback],
+        max_steps=max_steps,
+        callbacks=[*callbacks, callback],
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=tmp_path,
+        default_root_dir=root,
     )
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return callback
+
+
+def test_lightning_fit_of_a_lora_model_merges_and_saves_the_interpolated_adapter(tmp_path):
+    module = LoraToyModule()
+    before = BeforeMerge()
+    callback = fit(tmp_path, module, 8, [before], save_merged_to=tmp_path / "merged")
 
     assert [(r["step"], r["alpha"]) for r in callback.history] == [
         (2, 0.0),
@@ -104,3 +111,24 @@ def test_lightning_fit_of_a_lora_model_merges_and_saves_the_interpolated_adapter
     base = tiny_llama(len(module.tokenizer), seed=0, tokenizer=module.tokenizer)
     reloaded = PeftModel.from_pretrained(base, saved)
     assert torch.equal(logits(reloaded, IDS), expected)
+
+
+def test_a_resumed_lora_run_reloads_the_adapter_snapshot_and_merges_alike(tmp_path):
+    """Killed after step 4 and resumed from its checkpoint, a run ends with the same merged
+    adapter as an uninterrupted one: the snapshot file (adapter only) reloads with its layout."""
+    whole = LoraToyModule(batch_size=None)  # one batch per epoch: a checkpoint per step
+    uninterrupted = fit(tmp_path / "whole", whole, 6)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "checkpoint", LoraToyModule(batch_size=None), 4, [checkpoints])
+    resumed_module = LoraToyModule(batch_size=None)
+    resumed = fit(
+        tmp_path / "checkpoint",
+        resumed_module,
+        6,
+        [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+        ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+    )
+    assert resumed.snapshot.step == 2 and resumed.snapshot.lora == uninterrupted.snapshot.lora
+    assert resumed.history == uninterrupted.history
+    assert resumed_module.model.peft_config["default"].r == 8
+    assert torch.equal(logits(resumed_module.model.eval(), IDS), logits(whole.model.eval(), IDS))

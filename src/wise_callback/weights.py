@@ -56,6 +56,13 @@ def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def snapshot_names(module: torch.nn.Module) -> list[str]:
+    """The tensor names a snapshot of `module` holds (of a LoRA model: adapter and
+    modules_to_save only), e.g. to check that a snapshot file belongs to the model."""
+    lora = _lora(module)
+    return list(lora.capture_layout(module)[0] if lora else named_float_tensors(module))
+
+
 @dataclass(eq=False)
 class Snapshot:
     """A copy of a module's floating-point parameters and buffers, keyed by name.
