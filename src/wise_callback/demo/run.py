@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from wise_callback.callback import WiSEFTCallback
+from wise_callback.options import SampleLogging, SamplingOptions
 from wise_callback.demo.model import char_tokenizer
 from wise_callback.demo.pretrain import load_base_model
 from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
@@ -99,9 +100,8 @@ def run_demo(
         sampler=sampler,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
-        stop=["\n"],
-        seed=seed,
-        progress=progress,
+        sampling=SamplingOptions(stop=["\n"], seed=seed),
+        sample_logging=SampleLogging(progress=progress),
     )
     trainer = L.Trainer(
         max_steps=settings.sft_steps,
