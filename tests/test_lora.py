@@ -211,7 +211,7 @@ def test_dense_merged_model_saves_through_save_merged(ends, tmp_path, tokenizer)
     state dict, through the same atomic save_merged the core uses for full models."""
     from transformers import AutoModelForCausalLM
 
-    from wise_callback.lora import merged_dense_state_dict
+    from wise_callback.lora_dense import merged_dense_state_dict
     from wise_callback.outputs import save_merged
 
     model, snapshot, _, _ = ends

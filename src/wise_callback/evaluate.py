@@ -46,8 +46,8 @@ from wise_callback.problems import check_problems
 from wise_callback.results import (
     AlphaResult,
     Evaluation,
-    ProblemResult,
     GradedAlpha,
+    ProblemResult,
     summarize,
     summarize_by_source,
 )

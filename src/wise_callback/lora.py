@@ -244,10 +244,10 @@ class Concatenation:
     def build(
         cls, layer: LoraLayer, adapter: str, early_layout: dict[str, Any], snapshot: Snapshot
     ) -> Concatenation:
-        a_latest, b_latest = (_whole(t) for t in layer.factors(adapter))
+        a_latest, b_latest = (whole_tensor(t) for t in layer.factors(adapter))
         a_key, b_key = layer.keys(adapter)
-        a_early = _whole(snapshot.tensors[a_key], like=layer.factors(adapter)[0])
-        b_early = _whole(snapshot.tensors[b_key], like=layer.factors(adapter)[1])
+        a_early = whole_tensor(snapshot.tensors[a_key], like=layer.factors(adapter)[0])
+        b_early = whole_tensor(snapshot.tensors[b_key], like=layer.factors(adapter)[1])
         a_early, b_early = (t.to(b_latest.device, b_latest.dtype) for t in (a_early, b_early))
         module = layer.module
         rank = early_layout["r"] + module.r[adapter]
@@ -387,74 +387,7 @@ def _config(module: torch.nn.Module, adapter: str) -> Any:
     return None
 
 
-def merged_dense_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The dense weights the model computes with, named as in the plain transformers model:
-    W0 + s * B @ A for every LoRA layer (of its active adapters), the active modules_to_save copy
-    under the wrapped module's name, everything else as it is. One tensor at a time (DTensors
-    gathered one by one), so there is never a dense copy of the whole model.
-    """
-    get_base_model = getattr(module, "get_base_model", None)
-    yield from _dense(get_base_model() if callable(get_base_model) else module, "")
-
-
-def merged_dense_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`merged_dense_tensors` as a state dict for the plain base model (e.g. `save_pretrained(
-    state_dict=...)`). Extra memory: one dense copy of the adapted weights only; the other
-    tensors are the model's own (not copies), so use the dict before the model changes."""
-    return dict(merged_dense_tensors(module))
-
-
-def _dense(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    from peft.tuners.lora import LoraLayer as PeftLoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    if isinstance(module, ModulesToSaveWrapper):
-        adapter = module.active_adapters[0] if module.active_adapters else None
-        use_copy = not module.disable_adapters and adapter in module.modules_to_save
-        inner = module.modules_to_save[adapter] if use_copy else module.original_module
-        yield from _dense(inner, prefix)
-        return
-    if isinstance(module, PeftLoraLayer):
-        base = module.get_base_layer()
-        for name, tensor in _own_tensors(base):
-            if name == "weight":
-                tensor = _merged_weight(module, tensor)
-            yield prefix + name, tensor
-        return
-    yield from ((prefix + n, t) for n, t in _own_tensors(module))
-    for name, child in module.named_children():
-        yield from _dense(child, f"{prefix}{name}.")
-
-
-def _own_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The module's own parameters and persistent buffers (as `state_dict` holds them), whole."""
-    for name, tensor in module._parameters.items():
-        if tensor is not None:
-            yield name, _whole(tensor).detach()
-    for name, buffer in module._buffers.items():
-        if buffer is not None and name not in module._non_persistent_buffers_set:
-            yield name, _whole(buffer).detach()
-
-
-def _merged_weight(layer: Any, weight: torch.Tensor) -> torch.Tensor:
-    """W0 + sum over active adapters of s * B @ A, in float32 at least, cast back."""
-    if layer.merged or layer.disable_adapters:
-        return weight
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    merged = weight.to(compute, copy=True)
-    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
-    for adapter in layer.active_adapters:
-        embedding = adapter in layer.lora_embedding_A
-        if not embedding and adapter not in layer.lora_A:
-            continue
-        item = LoraLayer("", layer, embedding)
-        a, b = (_whole(t).to(compute) for t in item.factors(adapter))
-        delta = b @ a
-        merged += (delta.T if embedding or fan_in_fan_out else delta) * layer.scaling[adapter]
-    return merged.to(weight.dtype)
-
-
-def _whole(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+def whole_tensor(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     """The whole tensor: a DTensor gathered; with `like` (a DTensor parameter), `tensor` is this
     rank's local shard of a tensor sharded like it, gathered the same way."""
     if like is not None and is_dtensor(like):

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from wise_callback.lora import has_lora, merged_dense_tensors
+from wise_callback.lora import has_lora
+from wise_callback.lora_dense import merged_dense_tensors
 from wise_callback.sampling.base import (
     Completion,
     SamplingConfig,
