@@ -46,8 +46,8 @@ from wise_callback.problems import check_problems
 from wise_callback.results import (
     AlphaResult,
     Evaluation,
-    GradedAlpha,
     ProblemResult,
+    GradedAlpha,
     summarize,
     summarize_by_source,
 )
