@@ -112,6 +112,7 @@ def test_alpha_sweep_matches_interpolated_for_each_alpha(ends):
         with interpolated(model, snapshot, alpha):
             single.append(logits(model, IDS))
     with alpha_sweep(model, snapshot) as set_alpha:
+        torch.testing.assert_close(logits(model, IDS), single[-1], rtol=0, atol=1e-5)
         for alpha, expected in zip(alphas, single, strict=True):
             set_alpha(alpha)
             assert torch.equal(logits(model, IDS), expected)

@@ -327,6 +327,8 @@ def alpha_sweep(
     saved_pairs = model.pair(snapshot)
     with torch.no_grad():
         concatenations = model.concatenations(snapshot)
+        for concatenation in concatenations:
+            concatenation.fill(1.0)  # until the first set_alpha: the latest weights, as on entry
     active = {id(layer.module): layer.module._active_adapter for layer in model.layers}
     installed: list[LoraLayer] = []
     try:
