@@ -223,3 +223,15 @@ def test_dense_merged_model_saves_through_save_merged(ends, tmp_path, tokenizer)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     torch.testing.assert_close(logits(saved, IDS), logits(model, IDS), rtol=0, atol=1e-5)
     assert not any("lora" in n for n in saved.state_dict())
+
+
+def test_nested_blocks_on_one_model_are_refused(ends):
+    model, snapshot, _, _ = ends
+    before = weights(model)
+    with (
+        interpolated(model, snapshot, ALPHA),
+        pytest.raises(RuntimeError, match="inside another alpha_sweep"),
+        interpolated(model, snapshot, 0.9),
+    ):
+        pass
+    assert_same(weights(model), before)

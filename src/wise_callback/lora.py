@@ -65,7 +65,7 @@ def has_lora(module: torch.nn.Module) -> bool:
 
 
 @dataclass
-class LoraLayer:
+class AdaptedLayer:
     """One adapted layer: its module path, the PEFT layer and where its factors live."""
 
     name: str
@@ -80,7 +80,8 @@ class LoraLayer:
     def keys(self, adapter: str) -> tuple[str, str]:
         """The tensor names of A and B for `adapter`, relative to the root module."""
         suffix = "" if self.embedding else ".weight"
-        return tuple(f"{self.name}.{f}.{adapter}{suffix}" for f in self.factor_names)  # type: ignore[return-value]
+        a, b = self.factor_names
+        return f"{self.name}.{a}.{adapter}{suffix}", f"{self.name}.{b}.{adapter}{suffix}"
 
     def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = (getattr(self.module, f)[adapter] for f in self.factor_names)
@@ -116,14 +117,14 @@ class LoraModel:
             elif isinstance(sub, PeftLoraLayer):
                 layers.append((name, sub))
                 active.add(tuple(sub.active_adapters))
+        if (TEMPORARY_ADAPTER,) in active:
+            raise RuntimeError("the model is inside another alpha_sweep/interpolated block")
         if len(active) != 1 or len(next(iter(active))) != 1:
             raise ValueError(
                 f"WiSE-FT needs exactly one active LoRA adapter, found {sorted(active)}; "
                 "call model.set_adapter(name) first"
             )
         self.adapter: str = next(iter(active))[0]
-        if self.adapter == TEMPORARY_ADAPTER:
-            raise RuntimeError("the model is inside another alpha_sweep/interpolated block")
         self.layers = [
             layer for name, sub in layers if (layer := self._layer(name, sub)) is not None
         ]
@@ -136,7 +137,7 @@ class LoraModel:
         }
         self._check_nothing_else_trains()
 
-    def _layer(self, name: str, module: Any) -> LoraLayer | None:
+    def _layer(self, name: str, module: Any) -> AdaptedLayer | None:
         adapter = self.adapter
         embedding = adapter in module.lora_embedding_A
         if not embedding and adapter not in module.lora_A:
@@ -154,7 +155,7 @@ class LoraModel:
             problem = f"LoRA factors of type {type(module.lora_A[adapter]).__name__}"
         if problem:
             raise ValueError(f"{name}: {problem} is not supported by WiSE-FT's exact interpolation")
-        return LoraLayer(name, module, embedding)
+        return AdaptedLayer(name, module, embedding)
 
     def _check_nothing_else_trains(self) -> None:
         ours = set(self.tensors())
@@ -230,7 +231,7 @@ class LoraModel:
 class Concatenation:
     """One layer's interpolant as a rank-(r_e + r_l) adapter: A fixed, B refilled per alpha."""
 
-    layer: LoraLayer
+    layer: AdaptedLayer
     a: torch.Tensor
     b: torch.Tensor
     b_early: torch.Tensor
@@ -242,7 +243,7 @@ class Concatenation:
 
     @classmethod
     def build(
-        cls, layer: LoraLayer, adapter: str, early_layout: dict[str, Any], snapshot: Snapshot
+        cls, layer: AdaptedLayer, adapter: str, early_layout: dict[str, Any], snapshot: Snapshot
     ) -> Concatenation:
         a_latest, b_latest = (whole_tensor(t) for t in layer.factors(adapter))
         a_key, b_key = layer.keys(adapter)
@@ -288,7 +289,7 @@ class Concatenation:
             getattr(module, setting)[adapter] = getattr(module, setting)[like]
 
 
-def uninstall(layer: LoraLayer, adapter: str) -> None:
+def uninstall(layer: AdaptedLayer, adapter: str) -> None:
     """Remove what `Concatenation.install` put under `adapter`."""
     module = layer.module
     for container in (*layer.factor_names, "lora_dropout"):
@@ -307,7 +308,7 @@ def fill_b(b: torch.Tensor, *parts: tuple[torch.Tensor, float]) -> None:
 
 
 def peft_scaling(lora_alpha: float, rank: int, use_rslora: bool) -> float:
-    """The scaling PEFT gives a LoRA layer of this rank (LoraLayer.update_layer)."""
+    """The scaling PEFT gives a LoRA layer of this rank (peft LoraLayer.update_layer)."""
     return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
 
 
@@ -330,7 +331,7 @@ def alpha_sweep(
         for concatenation in concatenations:
             concatenation.fill(1.0)  # until the first set_alpha: the latest weights, as on entry
     active = {id(layer.module): layer.module._active_adapter for layer in model.layers}
-    installed: list[LoraLayer] = []
+    installed: list[AdaptedLayer] = []
     try:
         with sweep_pairs(saved_pairs, allow_extrapolation) as set_saved_alpha:
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from wise_callback.lora import LoraLayer, whole_tensor
+from wise_callback.lora import AdaptedLayer, whole_tensor
 
 
 def merged_dense_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,7 +82,7 @@ def _merged_weight(layer: Any, weight: torch.Tensor) -> torch.Tensor:
         embedding = adapter in layer.lora_embedding_A
         if not embedding and adapter not in layer.lora_A:
             continue
-        item = LoraLayer("", layer, embedding)
+        item = AdaptedLayer("", layer, embedding)
         a, b = (whole_tensor(t).to(compute) for t in item.factors(adapter))
         delta = b @ a
         merged += (delta.T if embedding or fan_in_fan_out else delta) * layer.scaling[adapter]
