@@ -155,8 +155,12 @@ def test_final_merge_saves_an_adapter_that_reloads_to_the_merged_model(ends, tmp
     model, snapshot, early, latest = ends
     with interpolated(model, snapshot, ALPHA):
         expected = logits(model, IDS)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    dropout = q_proj.lora_dropout["default"]
     interpolate_(model, snapshot, ALPHA)
     assert model.peft_config["default"].r == 8
+    assert q_proj.r["default"] == 8 and q_proj.scaling["default"] == 1.0  # 8 / 8
+    assert q_proj.lora_dropout["default"] is dropout  # the user's settings stay
     assert torch.equal(logits(model, IDS), expected)
     assert max_error(model, reference(early, latest, ALPHA)) < 1e-6
     model.save_pretrained(tmp_path / "adapter")

@@ -282,7 +282,7 @@ class Concatenation:
             module.lora_embedding_A[adapter], module.lora_embedding_B[adapter] = a, b
         else:
             module.lora_A[adapter], module.lora_B[adapter] = _linear(a), _linear(b)
-        module.lora_dropout[adapter] = nn.Identity()
+        module.lora_dropout[adapter] = module.lora_dropout[like]  # the same module: no copy
         module.r[adapter] = self.rank
         module.scaling[adapter] = self.scaling
         for setting in ("lora_alpha", "use_rslora", "lora_bias"):
