@@ -11,7 +11,7 @@ from peft.helpers import rescale_adapter_scale
 from peft.utils import get_peft_model_state_dict
 
 from helpers import assert_same, weights
-from lora_helpers import dense, logits, lora_model, train
+from lora_helpers import TARGETS, dense, logits, lora_model, train
 from wise_callback.demo.model import tiny_llama
 from wise_callback.lora import TEMPORARY_ADAPTER
 from wise_callback.weights import Snapshot, alpha_sweep, interpolate_, interpolated
@@ -57,9 +57,16 @@ def test_snapshot_holds_exactly_the_adapter_bytes(ends):
     assert {v["scaling"] for v in layout["layers"].values()} == {2.0}
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_interpolant_is_exact_and_lerping_a_and_b_is_not(tokenizer, rslora):
-    model = lora_model(tokenizer, use_rslora=rslora)
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "embedding-lora": {"target_modules": [*TARGETS, "embed_tokens"]},  # lora_embedding_A/B
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_interpolant_is_exact_and_lerping_a_and_b_is_not(tokenizer, variant):
+    model = lora_model(tokenizer, **VARIANTS[variant])
     train(model, seed=1)
     snapshot = Snapshot.capture(model)
     early = dense(model)
@@ -69,9 +76,9 @@ def test_interpolant_is_exact_and_lerping_a_and_b_is_not(tokenizer, rslora):
         error = max_error(model, expected)
         ours = logits(model, IDS)
     assert error < 1e-6, error
-    print(f"max abs error of the effective weights vs float64 (rslora={rslora}): {error:.3g}")
+    print(f"max abs error of the effective weights vs float64 ({variant}): {error:.3g}")
 
-    naive = lora_model(tokenizer, use_rslora=rslora)
+    naive = lora_model(tokenizer, **VARIANTS[variant])
     naive.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, param in naive.named_parameters():

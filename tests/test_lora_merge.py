@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lora_helpers import logits, lora_model, train
+from lora_helpers import TARGETS, logits, lora_model, train
 from wise_callback.cli import main
 from wise_callback.demo.model import tiny_llama
 from wise_callback.weights import Snapshot, interpolated
@@ -17,10 +17,17 @@ from wise_callback.weights import Snapshot, interpolated
 IDS = torch.arange(4, 40).reshape(3, 12)
 
 
-@pytest.fixture(params=[False, True], ids=["lora", "rslora"])
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "embedding-lora": {"target_modules": [*TARGETS, "embed_tokens"]},
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
 def folders(request, tokenizer, tmp_path):
     """EARLY and LATEST adapter folders saved from one run, and its in-memory interpolant."""
-    model = lora_model(tokenizer, use_rslora=request.param)
+    model = lora_model(tokenizer, **VARIANTS[request.param])
     train(model, seed=1)
     model.save_pretrained(tmp_path / "early")
     snapshot = Snapshot.capture(model)
