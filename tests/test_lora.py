@@ -246,3 +246,17 @@ def test_nested_blocks_on_one_model_are_refused(ends):
     ):
         pass
     assert_same(weights(model), before)
+
+
+def test_a_bf16_snapshot_interpolates_within_bf16_rounding(tokenizer):
+    model = lora_model(tokenizer)
+    train(model, seed=1)
+    early = dense(model)
+    snapshot = Snapshot.capture(model, dtype=torch.bfloat16)
+    assert {t.dtype for t in snapshot.tensors.values()} == {torch.bfloat16}
+    train(model, seed=2)
+    expected = reference(early, dense(model), ALPHA)
+    with interpolated(model, snapshot, ALPHA):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        error = max_error(model, expected)
+    assert 1e-6 < error < 1e-3  # the early adapter's bf16 rounding, nothing more
