@@ -7,6 +7,7 @@ import json
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -196,38 +197,54 @@ def test_a_failing_evaluation_restores_the_weights(tmp_path, fail_on_eval_error)
     assert [r["step"] for r in callback.history] == [2, 8, 8]  # 4 is missing, training went on
 
 
-def test_the_collapse_watch_fires_once_on_a_drop_with_pass1_held():
-    watch = CollapseWatch(min_drop=0.1, patience=2, metric="pass@4")
-    records = [  # (step, pass@4, pass@1): peak at 10, then two drops of >= 0.1 with pass@1 up
-        (5, 0.6, 0.2),
-        (10, 0.9, 0.3),
-        (15, 0.75, 0.35),  # drop 0.15, pass@1 held: 1 in a row
-        (20, 0.85, 0.4),  # drop 0.05 < 0.1: the run is broken
-        (25, 0.7, 0.25),  # pass@1 fell below its value at the peak: not collapse
-        (30, 0.85, 0.4),  # drop too small again
-        (35, 0.6, 0.45),
-        (40, 0.5, 0.5),  # second in a row: fires
-        (45, 0.4, 0.6),  # already fired: no second warning
-    ]
-    infos = [
-        watch.update({"step": step, "pass@4": pass4, "mean_rho": pass1})
-        for step, pass4, pass1 in records
-    ]
-    assert [info is not None for info in infos] == [False] * 7 + [True, False]
-    assert watch.fired
-    assert infos[7] == {
+def watched(watch: CollapseWatch, step: int, values: list[float], pass1: float):
+    """Feed one evaluation of the current weights (per-problem Pass@4 values) to the watch."""
+    array = np.asarray(values, dtype=float)
+    record = {"step": step, "pass@4": array.mean(), "mean_rho": pass1}
+    record.update(watch.compare(array))
+    return record, watch.update(record, array)
+
+
+def test_the_collapse_watch_fires_on_a_significant_paired_drop_with_pass1_held():
+    watch = CollapseWatch(min_drop=0.1, patience=1, metric="pass@4", z_threshold=2.0)
+    peak = [1.0] * 18 + [0.0] * 2  # 0.9
+    steady = [0.0] * 4 + [1.0] * 14 + [0.0] * 2  # 0.7: 4 down, none up: consistent
+    first, fired = watched(watch, 10, peak, 0.3)
+    assert fired is None and first["collapse_z"] is None and watch.best_step == 10
+    record, fired = watched(watch, 20, steady, 0.2)  # pass@1 fell: not collapse
+    assert fired is None and watch.streak == 0
+    # the paired statistics against a direct computation
+    diffs = np.asarray(peak) - np.asarray(steady)
+    se = diffs.std(ddof=1) / np.sqrt(len(diffs))
+    assert record["collapse_drop"] == pytest.approx(0.2)
+    assert record["collapse_drop_se"] == pytest.approx(se)
+    assert record["collapse_z"] == pytest.approx(0.2 / se) and 0.2 / se > 2
+    record, fired = watched(watch, 30, [0.0] * 2 + [1.0] * 16 + [0.0] * 2, 0.4)  # drop 0.1, z 1.45
+    assert fired is None and record["collapse_z"] < 2.0
+    record, fired = watched(watch, 40, steady, 0.5)  # 0.2 and significant, pass@1 up: fires
+    assert fired == {
         "step": 40,
         "metric": "pass@4",
-        "best": 0.9,
+        "best": pytest.approx(0.9),
         "best_step": 10,
-        "current": 0.5,
+        "current": pytest.approx(0.7),
+        "drop_se": pytest.approx(se),
+        "z": pytest.approx(0.2 / se),
         "pass@1_at_best": 0.3,
         "pass@1": 0.5,
-        "evaluations_in_a_row": 2,
+        "evaluations_in_a_row": 1,
     }
-    resumed = CollapseWatch(min_drop=0.1, patience=2, metric="pass@4")
+    assert watched(watch, 50, [0.0] * 20, 0.6)[1] is None  # fires once
+    resumed = CollapseWatch(min_drop=0.1, patience=1, metric="pass@4", z_threshold=2.0)
     resumed.load_state_dict(watch.state_dict())
     assert resumed == watch
+    # the old rule (drop >= min_drop, no significance) would have fired on a noisy drop
+    loose = CollapseWatch(min_drop=0.1, patience=1, metric="pass@4", z_threshold=2.0)
+    watched(loose, 10, [1.0] * 10 + [0.0] * 10, 0.3)  # 0.5
+    noisy = [0.0] * 5 + [1.0] * 5 + [1.0] * 2 + [0.0] * 8  # 0.35: 5 down, 2 up
+    record, fired = watched(loose, 20, noisy, 0.4)
+    assert record["collapse_drop"] == pytest.approx(0.15)
+    assert record["collapse_z"] < 2.0 and fired is None
 
 
 def test_the_callback_warns_once_and_acts_on_collapse(tmp_path):
@@ -237,11 +254,7 @@ def test_the_callback_warns_once_and_acts_on_collapse(tmp_path):
         toy_problems(),
         module.tokenizer,
         ks=(1, 4),
-        collapse={
-            "min_drop": 0.1,
-            "patience": 1,
-            "on_collapse": lambda *args: seen.append(args),
-        },
+        collapse={"min_drop": 0.1, "on_collapse": lambda *args: seen.append(args)},
         **FAST,
     )
     trainer = trainer_for(tmp_path, [callback], max_steps=1)
@@ -249,20 +262,24 @@ def test_the_callback_warns_once_and_acts_on_collapse(tmp_path):
     fired = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step, pass4 in ((1, 0.9), (2, 0.5), (3, 0.4)):
-            record = {"step": step, "pass@4": pass4, "mean_rho": 0.5}
-            fired.append(callback._watch_collapse(record))
+        for step, values in ((1, [1.0] * 6), (2, [0.0] * 6), (3, [0.0] * 6)):
+            array = np.asarray(values)
+            record = {"step": step, "pass@4": array.mean(), "mean_rho": 0.5}
+            record.update(callback._watch.compare(array))
+            fired.append(callback._watch_collapse(record, {"passk": array}))
     assert fired == [False, True, True]
     messages = [str(w.message) for w in caught if "collapse" in str(w.message)]
     assert len(messages) == 1
-    assert "step 2: pass@4 fell from 0.9000 (step 1) to 0.5000" in messages[0]
+    assert "step 2: pass@4 fell from 1.0000 (step 1) to 0.0000" in messages[0]
     assert [(t, m, info["step"]) for t, m, info in seen] == [(trainer, module, 2)]
     stopping = WiSEFTCallback(
-        toy_problems(), module.tokenizer, collapse={"on_collapse": "stop", "patience": 1}, **FAST
+        toy_problems(), module.tokenizer, collapse={"on_collapse": "stop"}, **FAST
     )
     stopping._trainer = trainer
-    for step, pass_k in ((1, 0.9), (2, 0.5)):
-        stopping._watch_collapse({"step": step, "pass@4": pass_k, "mean_rho": 0})
+    for step, pass_k in ((1, 1.0), (2, 0.0)):
+        array = np.full(6, pass_k)
+        record = {"step": step, "pass@4": pass_k, "mean_rho": 0, **stopping._watch.compare(array)}
+        stopping._watch_collapse(record, {"passk": array})
     assert trainer.should_stop
 
 
@@ -286,11 +303,12 @@ class NoisyLabels(ToyModule):
 
 
 def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
+    """8 problems cannot give a paired z of 2 (it peaks near 1.5 here): the threshold is 1."""
     module = NoisyLabels(lr=1e-2)
     callback = WiSEFTCallback(
         module.problems(), module.tokenizer, snapshot_at=5, eval_every_n_steps=5, num_samples=16,
-        ks=(1, 16), alphas=(0.5,), collapse={"min_drop": 0.1, "patience": 2, "on_collapse": "stop"},
-        max_new_tokens=2, sample_logging={"progress": False},
+        ks=(1, 16), alphas=(0.5,), max_new_tokens=2, sample_logging={"progress": False},
+        collapse={"min_drop": 0.1, "z_threshold": 1.0, "patience": 2, "on_collapse": "stop"},
     )  # fmt: skip
     trainer = trainer_for(tmp_path, [callback], max_steps=200)
     with pytest.warns(UserWarning, match=r"diversity collapse at step \d+: pass@16 fell from"):

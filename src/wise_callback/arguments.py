@@ -12,6 +12,7 @@ from typing import Any
 from wise_callback.checks import check_float, check_int, check_sequence
 from wise_callback.evaluate import CURRENT, EvalConfig, check_alphas
 from wise_callback.generations import pick_examples
+from wise_callback.grading import AUTO, GRADERS, check_grader, graders_for
 from wise_callback.options import build_groups
 from wise_callback.outputs import check_merge_target
 from wise_callback.problems import check_chat_template, load_problems, subset_problems
@@ -34,10 +35,10 @@ def settle_arguments(given: Mapping[str, Any]) -> dict[str, Any]:
     if tokenizer is not None and _is_tokenizer(tokenizer):
         check_chat_template(tokenizer, problems, sampling.apply_chat_template)
     grader = given["grader"]
-    if isinstance(grader, str):
-        grader = _import_object(grader)
-    if not callable(grader):
-        raise TypeError(f"grader must be callable (completion, reference) -> Verdict: {grader!r}")
+    if isinstance(grader, str) and grader != AUTO:
+        grader = GRADERS.get(grader) or _import_object(grader)
+    for each in {id(g): g for g in graders_for(problems, grader)}.values():
+        check_grader(each)
     snapshot_at = _check_snapshot_at(given["snapshot_at"])
     every = check_int("eval_every_n_steps", given["eval_every_n_steps"], minimum=1, optional=True)
     sampler = given["sampler"]
@@ -56,6 +57,7 @@ def settle_arguments(given: Mapping[str, Any]) -> dict[str, Any]:
         ),
         grade_timeout_s=evaluation.grade_timeout_s,
         grade_workers=evaluation.grade_workers,
+        grade_load_timeout_s=evaluation.grade_load_timeout_s,
         problems_per_call=(
             _default_problems_per_call(sampler)
             if sampling.problems_per_call is None

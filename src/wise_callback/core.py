@@ -26,13 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from wise_callback.arguments import resolve_tokenizer, settle_arguments
 from wise_callback.collapse import CollapseWatch
+from wise_callback.comparisons import (
+    PerProblem,
+    add_gains,
+    final_choice,
+    fixed_choice,
+    per_problem_values,
+)
 from wise_callback.evaluate import CURRENT, Evaluation, evaluate
 from wise_callback.generations import format_samples, sample_rows, write_generations, write_jsonl
-from wise_callback.grading import Grader, exact_match
+from wise_callback.grading import Grader, check_timeouts, exact_match
 from wise_callback.options import (
     CollapseOptions,
     EvalOptions,
@@ -50,6 +58,10 @@ from wise_callback.weights import Snapshot, interpolate_
 
 EARLY = 0.0
 """The snapshot's own evaluation is recorded as alpha = 0 (all weight on the early checkpoint)."""
+
+KEEP_PASS1_Z = 2.0
+"""keep_pass1 drops an alpha whose Pass@1 is below the current weights' by this many paired
+standard errors."""
 
 log = logging.getLogger("wise_callback")
 
@@ -109,8 +121,13 @@ class WiSEFTCore:
         self.snapshot: Snapshot | None = None
         self._files = SnapshotFiles()
         self._watch = CollapseWatch(
-            self.collapse.min_drop, self.collapse.patience, f"pass@{self.config.max_k}"
+            self.collapse.min_drop,
+            self.collapse.patience,
+            f"pass@{self.config.max_k}",
+            self.collapse.z_threshold,
         )
+        self.final_report: dict[str, Any] | None = None
+        self._last_grid: dict[str, Any] | None = None  # per-problem values of the latest grid
         self._last_eval_step: int | None = None
         self._snapshot_step: int | None = None
         self._eval_problems = self.problems
@@ -182,7 +199,11 @@ class WiSEFTCore:
         context = self._require_context()
         interpolate_(context.model, self.snapshot, alpha)
         self.chosen_alpha = alpha
-        self._emit_metrics({"wiseft/final_alpha": alpha}, step)
+        report = self.final_report or {}
+        scalars = {
+            f"wiseft/final/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float))
+        }
+        self._emit_metrics({"wiseft/final_alpha": alpha, **scalars}, step)
         self._info(
             f"merged with alpha={alpha:.2f} (final_alpha={self.final_alpha!r}, "
             f"select_metric={self.select_metric})"
@@ -253,14 +274,25 @@ class WiSEFTCore:
 
     def _choose_alpha(self) -> float | None:
         """The fixed final_alpha, or the best alpha of the latest evaluation of the grid (ties
-        toward the larger alpha)."""
+        toward the larger alpha; with keep_pass1, among those that keep Pass@1); sets
+        `final_report` (in-sample and cross-fitted held-out numbers of the choice)."""
+        grid = self._last_grid
+        values = {} if grid is None else _arrays(grid["values"])
         if isinstance(self.final_alpha, float):
+            self.final_report = fixed_choice(values, self.final_alpha)
             return self.final_alpha
-        last = max((r["step"] for r in self.history if r["alpha"] == CURRENT), default=None)
-        if last is None:
+        if grid is None:
             return None
-        candidates = [r for r in self.history if r["step"] == last]
-        return float(best_record(candidates, self.select_metric)["alpha"])
+        if any("score" not in row for row in values.values()):  # not a mean over problems
+            candidates = [r for r in self.history if r["step"] == grid["step"]]
+            alpha = float(best_record(candidates, self.select_metric)["alpha"])
+            self.final_report = fixed_choice(values, alpha)
+            return alpha
+        alpha, self.final_report = final_choice(
+            values, self.evaluation.keep_pass1, KEEP_PASS1_Z, self.sampling.seed
+        )
+        self.final_report["step"] = grid["step"]
+        return alpha
 
     def _take_snapshot(self, step: int) -> None:
         context = self._require_context()
@@ -313,6 +345,14 @@ class WiSEFTCore:
         collapse flag) to the loggers. The one place that turns results into outputs."""
         assert result.step is not None
         records = result.records()
+        values = per_problem_values(result.results, self.select_metric, self.config.max_k)
+        add_gains(records, values)
+        current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
+        baseline = result.step == 0  # before any training: not part of the collapse watch
+        if not baseline:
+            current.update(self._watch.compare(values[current["alpha"]]["passk"]))
+        if CURRENT in values and len(values) > 1:
+            self._last_grid = {"step": result.step, "values": _lists(values)}
         self.history.extend(records)
         metrics = {
             f"wiseft/alpha_{r['alpha']:.2f}/{name}": float(value)
@@ -325,23 +365,18 @@ class WiSEFTCore:
         best = best_record(records, self.select_metric)
         metrics[f"wiseft/best/{self.select_metric}"] = float(best[self.select_metric])
         metrics["wiseft/best_alpha"] = float(best["alpha"])
-        timed_out = sum(r["timed_out"] for r in records)
-        if timed_out:
-            self._warn(
-                f"grading timed out on {timed_out} completions at step {result.step} (counted "
-                f"as wrong); raise evaluation.grade_timeout_s if the grader needs longer"
-            )
-        current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
-        baseline = result.step == 0  # before any training: not part of the collapse watch
-        collapsed = not baseline and self._watch_collapse(current)
+        late = check_timeouts(sum(r["timed_out"] for r in records), _samples(records))
+        if late is not None:
+            self._warn(f"step {result.step}: {late}")
+        collapsed = not baseline and self._watch_collapse(current, values[current["alpha"]])
         metrics["wiseft/collapse"] = float(collapsed)
         self._emit_metrics(metrics, result.step)
         self._publish_samples(result)
         self._write_files()
 
-    def _watch_collapse(self, record: dict[str, Any]) -> bool:
+    def _watch_collapse(self, record: dict[str, Any], values: dict[str, np.ndarray]) -> bool:
         """Feed the collapse watch; act the one time it fires."""
-        info = self._watch.update(record)
+        info = self._watch.update(record, values["passk"])
         if info is not None:
             self._warn(CollapseWatch.message(info))
             if self.collapse.on_collapse == "stop":
@@ -415,6 +450,7 @@ class WiSEFTCore:
             "collapse": self._watch.state_dict(),
             "last_eval_step": self._last_eval_step,
             "sample_table": [dict(r) for r in self.sample_table],
+            "last_grid": self._last_grid,
             **self._files.state_dict(),
         }
 
@@ -423,8 +459,22 @@ class WiSEFTCore:
         self._watch.load_state_dict(state_dict["collapse"])
         self._last_eval_step = state_dict["last_eval_step"]
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
+        self._last_grid = state_dict.get("last_grid")
         self._files.load_state_dict(state_dict)
         self.snapshot = None  # reloaded from its file in begin()
+
+
+def _samples(records: list[dict[str, Any]]) -> int:
+    return sum(r["num_samples"] for r in records)
+
+
+def _lists(values: PerProblem) -> dict[float, dict[str, list[float]]]:
+    """Per-problem arrays as plain lists (checkpoint state: floats round-trip exactly)."""
+    return {a: {k: [float(x) for x in v] for k, v in row.items()} for a, row in values.items()}
+
+
+def _arrays(values: dict[float, dict[str, list[float]]]) -> PerProblem:
+    return {a: {k: np.asarray(v) for k, v in row.items()} for a, row in values.items()}
 
 
 def best_record(records: Iterable[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:

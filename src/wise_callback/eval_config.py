@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from wise_callback.grading import LOAD_TIMEOUT_S
 from wise_callback.sampling import SamplingConfig
 from wise_callback.weights import check_alpha
 
@@ -35,6 +36,7 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
+    grade_load_timeout_s: float = LOAD_TIMEOUT_S
     problems_per_call: int | None = 8
     time_budget_s: float | None = None
 

@@ -41,13 +41,13 @@ from wise_callback.eval_config import (
     default_ks,
     evaluation_seed,
 )
-from wise_callback.grading import Grader, grade_many
+from wise_callback.grading import Grader, Verdict, check_timeouts, grade_many, graders_for
 from wise_callback.problems import check_problems
 from wise_callback.results import (
     AlphaResult,
     Evaluation,
-    ProblemResult,
     GradedAlpha,
+    ProblemResult,
     summarize,
     summarize_by_source,
 )
@@ -143,6 +143,9 @@ def evaluate(
         graded = _gather(graded, error, world_size)
     timings["gather_s"] = time.perf_counter() - tick
     assert graded is not None
+    # every rank holds the same counts now, so all of them fail (or not) together
+    timed_out = sum(g.timed_out for g in graded.values())
+    check_timeouts(timed_out, sum(len(r.correct) for g in graded.values() for r in g.problems))
     results = [
         AlphaResult(
             alpha,
@@ -320,26 +323,37 @@ def _grade(
     completions: dict[float, list[list[Completion]]],
     problems: list[dict[str, Any]],
     indices: list[int],
-    grader: Grader,
+    grader: Grader | str,
     config: EvalConfig,
 ) -> dict[float, GradedAlpha]:
-    """Grade this rank's completions, one `grade_many` call per alpha (its pool persists)."""
+    """Grade this rank's completions: per alpha, one `grade_many` call per grader (one in all
+    unless grader="auto" picks per problem layout; the pool persists)."""
+    graders = graders_for(problems, grader)
     graded: dict[float, GradedAlpha] = {}
     for alpha, per_problem in completions.items():
-        texts = [c.text for samples in per_problem for c in samples]
-        references = [
-            p["answer"] for p, samples in zip(problems, per_problem, strict=True) for _ in samples
-        ]
-        verdicts, timed_out = grade_many(
-            grader,
-            texts,
-            references,
-            timeout_s=config.grade_timeout_s,
-            workers=config.grade_workers,
-        )
+        items = [(p, c) for p, samples in enumerate(per_problem) for c in samples]
+        verdicts: list[Verdict] = [Verdict(None, False)] * len(items)
+        timed_out = [False] * len(items)
+        by_grader: dict[int, list[int]] = {}
+        for item, (problem, _) in enumerate(items):
+            by_grader.setdefault(id(graders[problem]), []).append(item)
+        for group in by_grader.values():
+            result = grade_many(
+                graders[items[group[0]][0]],
+                [items[i][1].text for i in group],
+                [problems[items[i][0]]["answer"] for i in group],
+                timeout_s=config.grade_timeout_s,
+                workers=config.grade_workers,
+                load_timeout_s=config.grade_load_timeout_s,
+            )
+            for position, item in enumerate(group):
+                verdicts[item] = result.verdicts[position]
+            for position in result.timed_out_items:
+                timed_out[group[position]] = True
         results, start = [], 0
         for index, samples in zip(indices, per_problem, strict=True):
             marks = verdicts[start : start + len(samples)]
+            late = sum(timed_out[start : start + len(samples)])
             start += len(samples)
             results.append(
                 ProblemResult(
@@ -349,7 +363,8 @@ def _grade(
                     correct=[bool(v.correct) for v in marks],
                     finish_reasons=[c.finish_reason for c in samples],
                     num_tokens=[len(c.token_ids) for c in samples],
+                    timed_out=late,
                 )
             )
-        graded[alpha] = GradedAlpha(results, timed_out)
+        graded[alpha] = GradedAlpha(results, sum(timed_out))
     return graded

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from wise_callback.checks import check_bool, check_choice, check_float, check_int
+from wise_callback.grading import LOAD_TIMEOUT_S
 
 ON_COLLAPSE = ("warn", "stop")
 
@@ -100,6 +101,8 @@ class CollapseOptions:
 
     Args:
         min_drop: how far Pass@k must fall below its best so far to count as collapsing.
+        z_threshold: and how significant the fall must be: the paired z of the drop over
+            problems (drop / its paired standard error) must reach it.
         patience: how many collapsing evaluations in a row (Pass@1 not below its value at the
             Pass@k peak) raise the warning.
         on_collapse: "warn", "stop" (warn and stop training), or a callable the adapter calls
@@ -108,11 +111,13 @@ class CollapseOptions:
     """
 
     min_drop: float = 0.02
-    patience: int = 2
+    z_threshold: float = 2.0
+    patience: int = 1
     on_collapse: str | Callable[..., Any] = "warn"
 
     def __post_init__(self) -> None:
         check_float("collapse.min_drop", self.min_drop, minimum=0.0, maximum=1.0)
+        check_float("collapse.z_threshold", self.z_threshold, minimum=0.0)
         check_int("collapse.patience", self.patience, minimum=1)
         if not callable(self.on_collapse):
             check_choice("collapse.on_collapse", self.on_collapse, ON_COLLAPSE)
@@ -162,26 +167,35 @@ class EvalOptions:
 
     Args:
         grade_timeout_s, grade_workers: per-completion grading timeout, and grading worker
-            processes (None: exact/numeric matching in this process, other graders in a pool
-            with the timeout; 0: always in this process, no timeout).
+            processes (None: exact/numeric/gsm8k matching in this process, other graders in a
+            pool with the timeout; 0: always in this process, no timeout).
+        grade_load_timeout_s: how long a grading worker may take to start and load the grader
+            (a grader in your training script loads that script), apart from the per-item
+            timeout.
         max_problems: evaluate a fixed subset of this many problems (chosen with the seed).
         eval_at_start: evaluate the weights at step 0 (alpha = 1.0), a baseline.
         time_budget_s: seconds of sampling per evaluation; when they run out, sampling stops
             cleanly and the metrics cover the problems every alpha reached.
         fail_on_eval_error: raise when sampling or grading fails, instead of warning and going
             on with training (the weights are restored either way).
+        keep_pass1: with final_alpha="best", choose only among alphas whose Pass@1 is not
+            significantly below the current weights' (paired z > -2 over problems).
     """
 
     grade_timeout_s: float = 10.0
     grade_workers: int | None = None
+    grade_load_timeout_s: float = LOAD_TIMEOUT_S
     max_problems: int | None = None
     eval_at_start: bool = False
     time_budget_s: float | None = None
     fail_on_eval_error: bool = False
+    keep_pass1: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("evaluation.keep_pass1", self.keep_pass1)
         check_float("evaluation.grade_timeout_s", self.grade_timeout_s, positive=True)
         check_int("evaluation.grade_workers", self.grade_workers, minimum=0, optional=True)
+        check_float("evaluation.grade_load_timeout_s", self.grade_load_timeout_s, positive=True)
         check_int("evaluation.max_problems", self.max_problems, minimum=1, optional=True)
         check_bool("evaluation.eval_at_start", self.eval_at_start)
         check_float("evaluation.time_budget_s", self.time_budget_s, positive=True, optional=True)

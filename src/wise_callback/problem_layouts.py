@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wise_callback.grading import _after_hashes, _last_boxed
+from wise_callback.grading.matchers import _after_hashes, _last_boxed
 
 _AIME_ANSWER = re.compile(r"\d{1,3}")
 

@@ -20,13 +20,13 @@ import lightning as L
 import torch
 
 from wise_callback.callback import WiSEFTCallback
-from wise_callback.options import SampleLogging, SamplingOptions
 from wise_callback.demo.model import char_tokenizer
 from wise_callback.demo.pretrain import load_base_model
 from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
 from wise_callback.demo.task import make_splits
 from wise_callback.files import write_text_atomically
 from wise_callback.grading import exact_match
+from wise_callback.options import SampleLogging, SamplingOptions
 from wise_callback.report import format_table, ks_of, plot_history, table_rows
 
 
