@@ -132,3 +132,22 @@ def test_a_resumed_lora_run_reloads_the_adapter_snapshot_and_merges_alike(tmp_pa
     assert resumed.history == uninterrupted.history
     assert resumed_module.model.peft_config["default"].r == 8
     assert torch.equal(logits(resumed_module.model.eval(), IDS), logits(whole.model.eval(), IDS))
+
+
+def test_dense_merge_saves_the_plain_model_with_the_merged_weights(tmp_path):
+    """snapshotting.dense_merge: save_merged_to holds a plain transformers model (no adapter)
+    whose logits are the merged PeftModel's."""
+    from transformers import AutoModelForCausalLM
+
+    module = LoraToyModule()
+    fit(
+        tmp_path, module, 4, save_merged_to=tmp_path / "dense",
+        snapshotting={"dense_merge": True},
+    )  # fmt: skip
+    saved = tmp_path / "dense"
+    assert not (saved / "adapter_config.json").exists()
+    dense = AutoModelForCausalLM.from_pretrained(saved).eval()
+    assert type(dense).__name__ == "LlamaForCausalLM"
+    merged = logits(module.model.eval(), IDS)
+    assert torch.allclose(logits(dense, IDS), merged, atol=1e-5, rtol=0)
+    assert json.loads((saved / "wiseft_merge.json").read_text())["alpha"] == 0.4

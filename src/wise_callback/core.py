@@ -47,11 +47,11 @@ from wise_callback.options import (
     SamplingOptions,
     SnapshotOptions,
 )
-from wise_callback.outputs import logged_scalars, save_merged, write_history
+from wise_callback.outputs import logged_scalars, save_merged, what_to_save, write_history
 from wise_callback.problems import format_prompts
 from wise_callback.sampling import Sampler
 from wise_callback.sampling.factory import make_sampler
-from wise_callback.sharding import full_state_dict, is_sharded
+from wise_callback.sharding import is_sharded
 from wise_callback.snapshot_files import SnapshotFiles
 from wise_callback.weights import Snapshot, interpolate_
 
@@ -421,7 +421,7 @@ class WiSEFTCore:
         writes; a sharded model's full state dict is a collective on every rank)."""
         context = self._require_context()
         assert self.save_merged_to is not None and self.snapshot is not None
-        state_dict = full_state_dict(context.model) if is_sharded(context.model) else None
+        model, state_dict = what_to_save(context.model, self.snapshotting.dense_merge)
         if not self._is_global_zero:
             return
         info = {
@@ -431,7 +431,7 @@ class WiSEFTCore:
             "snapshot_step": self.snapshot.step,
             "step": step,
         }
-        save_merged(context.model, self.tokenizer, self.save_merged_to, info, state_dict)
+        save_merged(model, self.tokenizer, self.save_merged_to, info, state_dict)
         self._info(f"merged model saved to {self.save_merged_to}")
 
     # ------------------------------------------------------------------ resume
