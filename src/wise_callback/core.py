@@ -184,7 +184,23 @@ class WiSEFTCore:
             and not (self._early.peak and self._early.open)
             and step not in (self.snapshot.step, self._last_eval_step)
         ):
-            self._run_evaluation(step, (CURRENT, *self.alphas))
+            self._run_evaluation(step, self._alphas_due(step))
+
+    def _alphas_due(self, step: int) -> tuple[float, ...]:
+        """The current weights, and the alpha grid when due: every `evaluation.grid_every`-th
+        evaluation, at the last planned step, and after an evaluation whose collapse_z reached
+        `evaluation.grid_when_z`. The decisions (collapse watch, final choice) only read the
+        current weights and the last step's grid, so a sparser grid does not change them."""
+        after = self._early.step or 0
+        count = 1 + sum(r["alpha"] == CURRENT and r["step"] > after for r in self.history)
+        last_z = next((r.get("collapse_z") for r in reversed(self.history)), None)
+        alert = self.evaluation.grid_when_z
+        due = (
+            count % self.evaluation.grid_every == 0
+            or step >= self._require_context().planned_steps
+            or (alert is not None and last_z is not None and last_z >= alert)
+        )
+        return (CURRENT, *self.alphas) if due else (CURRENT,)
 
     def training_ended(self, step: int) -> None:
         """Evaluate the final weights if stale, choose the alpha, merge on every rank, save.
@@ -198,7 +214,11 @@ class WiSEFTCore:
                 f"{self._early.step}; nothing to evaluate or merge"
             )
             return
-        if self._last_eval_step != step and step not in self._grids:
+        current_only = bool(self.alphas) and any(
+            r["step"] == step and r["alpha"] == CURRENT for r in self.history
+        )
+        stale = self._last_eval_step != step or current_only  # or the grid was not due
+        if stale and step not in self._grids:
             self._run_evaluation(step, (CURRENT, *self.alphas))
         if self.final_alpha is None:
             return
@@ -352,11 +372,13 @@ class WiSEFTCore:
         """An evaluation's records into `history` and history.jsonl, its scalars (and the
         collapse flag) to the loggers. The one place that turns results into outputs."""
         assert result.step is not None
+        again = any(r["step"] == result.step for r in self.history)  # adding the grid at the end
+        self.history = [r for r in self.history if r["step"] != result.step]
         records = result.records()
         values = per_problem_values(result.results, self.select_metric, self.config.max_k)
         add_gains(records, values)
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
-        baseline = result.step == 0  # before any training: not part of the collapse watch
+        baseline = result.step == 0 or again  # step 0, or a step the watch has already seen
         if not baseline:
             current.update(self._watch.compare(values[current["alpha"]]["passk"]))
         if CURRENT in values and len(values) > 1:
