@@ -122,6 +122,8 @@ class WiSEFTCore:
             self.collapse.z_threshold,
         )
         self.final_report: dict[str, Any] | None = None
+        self.spent = {"evaluations": 0, "generated_tokens": 0.0, "sample_s": 0.0}
+        """What the evaluations cost so far (sampling wall time is this process's)."""
         self._last_grid: dict[str, Any] | None = None  # per-problem values of the latest grid
         self._last_eval_step: int | None = None
         self._early = EarlySchedule(self.snapshot_at, self.snapshotting.peak_until)
@@ -272,6 +274,11 @@ class WiSEFTCore:
         return self._watch.fired
 
     @property
+    def collapse_step(self) -> int | None:
+        """The step at which the collapse early warning fired (None: it has not)."""
+        return self._watch.fired_step
+
+    @property
     def _is_global_zero(self) -> bool:
         return self._context is None or self._context.rank == 0
 
@@ -376,6 +383,11 @@ class WiSEFTCore:
         if CURRENT in values and len(values) > 1:
             self._last_grid = {"step": result.step, "values": grid_state(values)}
         self.history.extend(records)
+        self.spent["evaluations"] += 1
+        self.spent["generated_tokens"] += sum(
+            r["mean_completion_tokens"] * r["num_samples"] for r in records
+        )
+        self.spent["sample_s"] += result.timings["sample_s"]
         metrics = logged_scalars(records, result.timings, self.select_metric)
         late = check_timeouts(
             sum(r["timed_out"] for r in records), sum(r["num_samples"] for r in records)
@@ -466,6 +478,7 @@ class WiSEFTCore:
             "sample_table": [dict(r) for r in self.sample_table],
             "last_grid": self._last_grid,
             "early": self._early.state_dict(),
+            "spent": dict(self.spent),
             **self._files.state_dict(),
         }
 
@@ -475,6 +488,7 @@ class WiSEFTCore:
         self._last_eval_step = state_dict["last_eval_step"]
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
         self._last_grid = state_dict.get("last_grid")
+        self.spent = dict(state_dict.get("spent", self.spent))
         if "early" in state_dict:
             self._early.load_state_dict(state_dict["early"])
         self._files.load_state_dict(state_dict)
