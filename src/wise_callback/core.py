@@ -122,6 +122,8 @@ class WiSEFTCore:
             self.collapse.z_threshold,
         )
         self.final_report: dict[str, Any] | None = None
+        self.spent = {"evaluations": 0, "generated_tokens": 0.0, "sample_s": 0.0}
+        """What the evaluations cost so far (sampling wall time is this process's)."""
         # per-problem values (grid_state) of every grid evaluation, by step: the merge may be of
         # an earlier step's weights (transformers' load_best_model_at_end)
         self._grids: dict[int, dict[float, dict[str, list[float]]]] = {}
@@ -277,6 +279,11 @@ class WiSEFTCore:
         return self._watch.fired
 
     @property
+    def collapse_step(self) -> int | None:
+        """The step at which the collapse early warning fired (None: it has not)."""
+        return self._watch.fired_step
+
+    @property
     def _is_global_zero(self) -> bool:
         return self._context is None or self._context.rank == 0
 
@@ -384,6 +391,11 @@ class WiSEFTCore:
         if CURRENT in values and len(values) > 1:
             self._grids[result.step] = grid_state(values)
         self.history.extend(records)
+        self.spent["evaluations"] += 1
+        self.spent["generated_tokens"] += sum(
+            r["mean_completion_tokens"] * r["num_samples"] for r in records
+        )
+        self.spent["sample_s"] += result.timings["sample_s"]
         metrics = logged_scalars(records, result.timings, self.select_metric)
         late = check_timeouts(
             sum(r["timed_out"] for r in records), sum(r["num_samples"] for r in records)
@@ -475,6 +487,7 @@ class WiSEFTCore:
             # JSON-safe (a Trainer's trainer_state.json would turn float keys into strings)
             "grids": [[step, list(grid.items())] for step, grid in self._grids.items()],
             "early": self._early.state_dict(),
+            "spent": dict(self.spent),
             **self._files.state_dict(),
         }
 
@@ -484,6 +497,7 @@ class WiSEFTCore:
         self._last_eval_step = state_dict["last_eval_step"]
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
         self._grids = {step: dict(grid) for step, grid in state_dict.get("grids", [])}
+        self.spent = dict(state_dict.get("spent", self.spent))
         if "early" in state_dict:
             self._early.load_state_dict(state_dict["early"])
         self._files.load_state_dict(state_dict)
