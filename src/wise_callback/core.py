@@ -19,9 +19,7 @@ The adapter gives back what is its own by overriding `_emit_metrics`, `_emit_sam
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,6 @@ from wise_callback.comparisons import (
 )
 from wise_callback.early import EarlySchedule
 from wise_callback.evaluate import CURRENT, Evaluation, evaluate
-from wise_callback.generations import format_samples, sample_rows, write_generations, write_jsonl
 from wise_callback.grading import Grader, check_timeouts, exact_match
 from wise_callback.options import (
     CollapseOptions,
@@ -47,8 +44,9 @@ from wise_callback.options import (
     SamplingOptions,
     SnapshotOptions,
 )
-from wise_callback.outputs import logged_scalars, save_merged, what_to_save, write_history
+from wise_callback.outputs import logged_scalars
 from wise_callback.problems import format_prompts
+from wise_callback.reporting import RunContext, RunReporting
 from wise_callback.sampling import Sampler
 from wise_callback.sampling.factory import make_sampler
 from wise_callback.sharding import is_sharded
@@ -61,20 +59,7 @@ EARLY = 0.0
 log = logging.getLogger("wise_callback")
 
 
-@dataclass
-class RunContext:
-    """What the trainer tells the core when training starts."""
-
-    model: torch.nn.Module
-    planned_steps: float  # math.inf when unknown
-    log_dir: Path  # history.jsonl, samples.jsonl, generations/
-    snapshot_dir: Path  # where the snapshot file is written
-    rank: int = 0
-    world_size: int = 1
-    resume_dir: Path | None = None  # the folder of the checkpoint resumed from
-
-
-class WiSEFTCore:
+class WiSEFTCore(RunReporting):
     """Snapshot an early checkpoint, evaluate WiSE-FT interpolants, watch collapse, merge.
 
     The arguments are those of `WiSEFTCallback` (see its docstring; shared by both adapters,
@@ -243,34 +228,6 @@ class WiSEFTCore:
         if self.save_merged_to is not None:
             self._save_merged(step)
 
-    # ------------------------------------------------------------------ what adapters override
-
-    def _emit_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Give scalars to the trainer's loggers (every rank calls it)."""
-
-    def _emit_samples(
-        self, table: list[dict[str, Any]], rows: list[dict[str, Any]], step: int
-    ) -> None:
-        """Give the sample table to the trainer's loggers (rank zero calls it)."""
-
-    def _stop_training(self) -> None:
-        """Ask the trainer to stop (on_collapse="stop")."""
-        raise NotImplementedError(f"{type(self).__name__} cannot stop its trainer")
-
-    def _call_on_collapse(self, callback: Callable[..., Any], info: dict[str, Any]) -> None:
-        """Call the user's on_collapse callable with the adapter's own arguments."""
-        callback(info)
-
-    def _info(self, message: str) -> None:
-        """A message for the console (rank zero)."""
-        if self._is_global_zero:
-            log.info(f"{type(self).__name__}: {message}")
-
-    def _warn(self, message: str) -> None:
-        """A warning (rank zero)."""
-        if self._is_global_zero:
-            warnings.warn(f"{type(self).__name__}: {message}", UserWarning, stacklevel=3)
-
     # ------------------------------------------------------------------ decisions
 
     @property
@@ -282,15 +239,6 @@ class WiSEFTCore:
     def collapse_step(self) -> int | None:
         """The step at which the collapse early warning fired (None: it has not)."""
         return self._watch.fired_step
-
-    @property
-    def _is_global_zero(self) -> bool:
-        return self._context is None or self._context.rank == 0
-
-    def _require_context(self) -> RunContext:
-        if self._context is None:
-            raise RuntimeError(f"{type(self).__name__}: begin() was not called")
-        return self._context
 
     def _search_peak(self, step: int) -> None:
         """ "peak": evaluate the current weights; a new best select_metric becomes the
@@ -418,62 +366,6 @@ class WiSEFTCore:
             elif callable(self.collapse.on_collapse):
                 self._call_on_collapse(self.collapse.on_collapse, info)
         return self._watch.fired
-
-    def _publish_samples(self, result: Evaluation) -> None:
-        """Extend the sample table (every rank: it is part of the state); rank zero gives it to
-        the loggers and the console, writes the dump, says when the time budget cut it short."""
-        step = result.step
-        assert step is not None
-        rows = sample_rows(result, self.problems, self.examples)
-        self.sample_table = [r for r in self.sample_table if r["step"] != step] + rows
-        if not self._is_global_zero:
-            return
-        covered = result.results[0].metrics["num_problems"]
-        if covered < len(self.problems):
-            self._info(
-                f"evaluation.time_budget_s={self.config.time_budget_s} ran out at step {step}: "
-                f"{covered} of {len(self.problems)} problems covered"
-            )
-        if self.examples:
-            self._emit_samples(self.sample_table, rows, step)
-        if self.sample_logging.print_samples:
-            self._info(format_samples(rows[: self.sample_logging.print_samples]))
-        folder = self.sample_logging.generations_folder(self._require_context().log_dir)
-        if folder is not None:
-            write_generations(result, self.problems, folder)
-
-    # ------------------------------------------------------------------ files
-
-    @property
-    def history_path(self) -> Path:
-        """history.jsonl in the run's log folder."""
-        return self._require_context().log_dir / "history.jsonl"
-
-    def _write_files(self) -> None:
-        """history.jsonl and samples.jsonl from the state (rank zero)."""
-        if not self._is_global_zero:
-            return
-        write_history(self.history_path, self.history)
-        if self.examples:
-            write_jsonl(self.history_path.with_name("samples.jsonl"), self.sample_table)
-
-    def _save_merged(self, step: int) -> None:
-        """save_pretrained of the merged model + tokenizer into save_merged_to (rank zero
-        writes; a sharded model's full state dict is a collective on every rank)."""
-        context = self._require_context()
-        assert self.save_merged_to is not None and self.snapshot is not None
-        model, state_dict = what_to_save(context.model, self.snapshotting.dense_merge)
-        if not self._is_global_zero:
-            return
-        info = {
-            "alpha": self.chosen_alpha,
-            "final_alpha": self.final_alpha,
-            "select_metric": self.select_metric,
-            "snapshot_step": self.snapshot.step,
-            "step": step,
-        }
-        save_merged(model, self.tokenizer, self.save_merged_to, info, state_dict)
-        self._info(f"merged model saved to {self.save_merged_to}")
 
     # ------------------------------------------------------------------ resume
 
