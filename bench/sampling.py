@@ -97,6 +97,37 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - start, result
 
 
+def vllm_raw_vs_sampler(
+    sampler: VLLMSampler, prompts: list[list[int]], n: int, config: SamplingConfig, repeats: int
+) -> dict[str, float]:
+    """Generated tokens and best-of-`repeats` seconds of raw `vllm.LLM.generate` (one
+    SamplingParams for all prompts) and of `sampler.sample` on the same prompts and engine,
+    alternating; the prefix cache is reset before each, so neither reuses the other's prefill."""
+    import vllm
+
+    llm = sampler.llm
+    raw_params = vllm.SamplingParams(
+        n=n,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k or 0,
+        max_tokens=config.max_new_tokens,
+        seed=config.seed,
+    )
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    race = {"raw_s": float("inf"), "sampler_s": float("inf")}
+    for _ in range(repeats):  # alternate, keep the best: the machine may be shared
+        llm.reset_prefix_cache()
+        seconds, out = timed(llm.generate, requests, raw_params, use_tqdm=False)
+        race["raw_s"] = min(race["raw_s"], seconds)
+        race["raw_tokens"] = sum(len(c.token_ids) for request in out for c in request.outputs)
+        llm.reset_prefix_cache()
+        seconds, out = timed(sampler.sample, prompts, n, config)
+        race["sampler_s"] = min(race["sampler_s"], seconds)
+        race["sampler_tokens"] = count(out)
+    return race
+
+
 def main() -> None:
     args = parse_args()
     tokenizer = char_tokenizer()
@@ -147,33 +178,20 @@ def main() -> None:
     sampler = VLLMSampler(
         model, tokenizer, progress=False, max_model_len=max(args.lengths) + args.new_tokens
     )
-    vllm = __import__("vllm")
     result["engine_start_s"] = round(timed(lambda: sampler.llm)[0], 2)
-    llm = sampler.llm
     sampler.load_weights(model)  # the first push, before warm-up
     sampler.sample([[5] * 8], 2, SamplingConfig(max_new_tokens=4))  # warm-up
     push_s, _ = timed(sampler.load_weights, model)
-    raw_params = vllm.SamplingParams(n=args.n, temperature=1.0, max_tokens=args.new_tokens, seed=0)
     raw_total = sampler_total = sampler_seconds = raw_seconds = 0.0
     for length, prompts in workload.items():
-        requests = [{"prompt_token_ids": p} for p in prompts]
-        raw_best = sampler_best = float("inf")
-        for _ in range(args.repeats):  # alternate, keep the best: the machine is shared
-            llm.reset_prefix_cache()
-            seconds, out = timed(llm.generate, requests, raw_params, use_tqdm=False)
-            raw_best = min(raw_best, seconds)
-            raw_tokens = sum(len(c.token_ids) for request in out for c in request.outputs)
-            llm.reset_prefix_cache()
-            seconds, out = timed(sampler.sample, prompts, args.n, config)
-            sampler_best = min(sampler_best, seconds)
-            sampler_tokens = count(out)
-        result[f"vllm_raw_tokens_per_s_{length}"] = round(raw_tokens / raw_best, 1)
-        result[f"vllm_sampler_tokens_per_s_{length}"] = round(sampler_tokens / sampler_best, 1)
-        raw_total, raw_seconds = raw_total + raw_tokens, raw_seconds + raw_best
-        sampler_total, sampler_seconds = (
-            sampler_total + sampler_tokens,
-            sampler_seconds + sampler_best,
+        race = vllm_raw_vs_sampler(sampler, prompts, args.n, config, args.repeats)
+        result[f"vllm_raw_tokens_per_s_{length}"] = round(race["raw_tokens"] / race["raw_s"], 1)
+        result[f"vllm_sampler_tokens_per_s_{length}"] = round(
+            race["sampler_tokens"] / race["sampler_s"], 1
         )
+        raw_total, raw_seconds = raw_total + race["raw_tokens"], raw_seconds + race["raw_s"]
+        sampler_total += race["sampler_tokens"]
+        sampler_seconds += race["sampler_s"]
     result["vllm_sampler_vs_raw"] = round(
         (sampler_total / sampler_seconds) / (raw_total / raw_seconds), 2
     )
