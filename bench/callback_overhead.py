@@ -16,7 +16,7 @@ the weights costs real time next to the Python overhead of sampling a few tokens
   * one `Snapshot.capture` next to one plain copy of the same weights.
 Goal: weight work under 2% of the callback's work. The last line printed is one JSON object.
 
-    .venv/bin/python bench/callback_overhead.py [--steps 12] [--eval-every 6] [--problems 4]
+    .venv/bin/python bench/callback_overhead.py [--steps 8] [--eval-every 4] [--problems 2]
 """
 
 from __future__ import annotations
@@ -130,12 +130,12 @@ def snapshot_work(model: torch.nn.Module, repeats: int = 3) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--eval-every", type=int, default=6)
-    parser.add_argument("--problems", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--problems", type=int, default=2)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     args = parser.parse_args()
