@@ -138,11 +138,7 @@ class VLLMSampler:
         to sleep). An engine built for another model or other options is replaced, unless vLLM
         joined a process group it did not create (distributed training): shutting vLLM down
         destroys the default group, so that is an error."""
-        key = json.dumps(
-            [self.model.config.to_dict(), len(self.tokenizer), self.engine_options],
-            sort_keys=True,
-            default=str,
-        )
+        key = self._key()
         if _engine and _engine["key"] != key:
             if not _engine["owns_process_group"]:
                 raise RuntimeError(
@@ -178,10 +174,18 @@ class VLLMSampler:
         """Called by the evaluation when it is done sampling: with `sleep_between_evals`, put the
         engine to sleep (level 1: KV cache dropped, weights moved to CPU memory) so training gets
         its GPU memory back; the next `load_weights` or `sample` wakes it. Otherwise nothing."""
-        if self.sleep_between_evals and _engine:
+        if self.sleep_between_evals and _engine and _engine["key"] == self._key():
             llm = _engine["llm"]
             if not llm.llm_engine.is_sleeping():
                 llm.sleep(level=1)
+
+    def _key(self) -> str:
+        """What the engine is built for: model config, tokenizer size and engine options."""
+        return json.dumps(
+            [self.model.config.to_dict(), len(self.tokenizer), self.engine_options],
+            sort_keys=True,
+            default=str,
+        )
 
     def load_weights(self, module: torch.nn.Module) -> None:
         """Push the current weights of the sampler's model (which `module` is or contains, e.g.
