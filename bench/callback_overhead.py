@@ -143,7 +143,8 @@ def main() -> None:
     heldout = [{"prompt": p["prompt"], "answer": p["answer"]} for p in heldout]
 
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
-    fit(warm, train, heldout, with_callback=False)  # one-time costs land in neither run
+    for with_callback in (False, True):  # one-time costs (first sampling, first weight
+        fit(warm, train, heldout, with_callback)  # sweep, ...) land in neither measured run
     fit_without, _, _ = fit(args, train, heldout, with_callback=False)
     fit_with, evaluations, model = fit(args, train, heldout, with_callback=True)
     snapshot = snapshot_work(model)
