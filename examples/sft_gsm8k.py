@@ -60,9 +60,13 @@ class SFTModule(L.LightningModule):
         if self.trainer.world_size > 1:
             from torch.distributed.fsdp import fully_shard
 
+            # Shard over the data-parallel axis alone: the whole (data, tensor) mesh would
+            # replicate every parameter over the size-1 tensor axis and shard nothing.
+            assert self.device_mesh is not None, "multi-device runs use fsdp2_strategy"
+            mesh = self.device_mesh["data_parallel"]
             for layer in self.model.model.layers:
-                fully_shard(layer, mesh=self.device_mesh)
-            fully_shard(self.model, mesh=self.device_mesh)
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = completion_loss(self.model, batch)
@@ -71,6 +75,15 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+def fsdp2_strategy(devices: int) -> Any:
+    """FSDP2 across `devices` (SFTModule.configure_model shards the model); one device: "auto"."""
+    if devices == 1:
+        return "auto"
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -123,20 +136,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         final_alpha="best",
         select_metric="pass@16",
         sampler="vllm",
-        sampler_options={"gpu_memory_utilization": 0.25},
+        sampling={"sampler_kwargs": {"gpu_memory_utilization": 0.25}},
         max_new_tokens=512,
         temperature=1.0,
         save_merged_to=f"{args.out}/merged",
     )
-    strategy: Any = "auto"
-    if args.devices > 1:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
-        strategy=strategy,
+        strategy=fsdp2_strategy(args.devices),
         precision="bf16-true",
         max_steps=args.max_steps,
         callbacks=[callback],

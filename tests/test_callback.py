@@ -7,6 +7,7 @@ import json
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -16,10 +17,10 @@ from transformers import AutoModelForCausalLM
 from callback_toy import ToyModule, toy_problems
 from helpers import assert_same, weights
 from wise_callback import Snapshot, WiSEFTCallback, interpolate_
-from wise_callback.grading import exact_match
+from wise_callback.collapse import CollapseWatch
 from wise_callback.sampling import HFSampler
 
-FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
+FAST = dict(num_samples=4, max_new_tokens=3, sample_logging={"progress": False})
 
 
 class Bracket(Callback):
@@ -47,38 +48,6 @@ def trainer_for(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     )
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(problems=[]), "problems is empty"),
-        (dict(problems=[{"prompt": "1+1="}]), "lacks \\['answer'\\]"),
-        (dict(alphas=(0.5, 1.5)), "outside \\[0, 1\\]"),
-        (dict(alphas=(float("nan"),)), "finite"),
-        (dict(ks=(1, 32)), "k=32 .* larger than num_samples=16"),
-        (dict(select_metric="pass@64"), "select_metric='pass@64' is not among"),
-        (dict(select_metric="var_rho"), "larger is better"),
-        (dict(snapshot_at=1.5), "fraction of the planned steps"),
-        (dict(snapshot_at=0), "step >= 1"),
-        (dict(eval_every_n_steps=0), "eval_every_n_steps must be a positive int"),
-        (dict(final_alpha="worst"), "final_alpha must be a float, 'best' or None"),
-        (dict(final_alpha=2.0), "outside \\[0, 1\\]"),
-        (dict(sampler="sglang"), "sampler must be one of"),
-        (dict(on_collapse="panic"), "on_collapse must be"),
-        (dict(collapse_min_drop=-0.1), "collapse_min_drop"),
-        (dict(temperature=-1.0), "temperature"),
-        (dict(problems="/nonexistent/problems.jsonl"), "problems file not found"),
-        (dict(snapshot_dtype="int8"), "floating-point dtype"),
-        (dict(alphas=(0.5, 0.501)), "collide"),
-        (dict(grader="wise_callback.grading.no_such_grader"), "cannot import"),
-    ],
-)
-def test_bad_arguments_fail_in_the_constructor(kwargs, match):
-    arguments = dict(problems=toy_problems(), grader=exact_match)
-    arguments.update(kwargs)
-    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
-        WiSEFTCallback(**arguments)
 
 
 def test_model_attr_finds_the_model():
@@ -228,56 +197,89 @@ def test_a_failing_evaluation_restores_the_weights(tmp_path, fail_on_eval_error)
     assert [r["step"] for r in callback.history] == [2, 8, 8]  # 4 is missing, training went on
 
 
-def test_collapse_warning_fires_once_and_acts(tmp_path):
+def watched(watch: CollapseWatch, step: int, values: list[float], pass1: float):
+    """Feed one evaluation of the current weights (per-problem Pass@4 values) to the watch."""
+    array = np.asarray(values, dtype=float)
+    record = {"step": step, "pass@4": array.mean(), "mean_rho": pass1}
+    record.update(watch.compare(array))
+    return record, watch.update(record, array)
+
+
+def test_the_collapse_watch_fires_on_a_significant_paired_drop_with_pass1_held():
+    watch = CollapseWatch(min_drop=0.1, patience=1, metric="pass@4", z_threshold=2.0)
+    peak = [1.0] * 18 + [0.0] * 2  # 0.9
+    steady = [0.0] * 4 + [1.0] * 14 + [0.0] * 2  # 0.7: 4 down, none up: consistent
+    first, fired = watched(watch, 10, peak, 0.3)
+    assert fired is None and first["collapse_z"] is None and watch.best_step == 10
+    record, fired = watched(watch, 20, steady, 0.2)  # pass@1 fell: not collapse
+    assert fired is None and watch.streak == 0
+    # the paired statistics against a direct computation
+    diffs = np.asarray(peak) - np.asarray(steady)
+    se = diffs.std(ddof=1) / np.sqrt(len(diffs))
+    assert record["collapse_drop"] == pytest.approx(0.2)
+    assert record["collapse_drop_se"] == pytest.approx(se)
+    assert record["collapse_z"] == pytest.approx(0.2 / se) and 0.2 / se > 2
+    record, fired = watched(watch, 30, [0.0] * 2 + [1.0] * 16 + [0.0] * 2, 0.4)  # drop 0.1, z 1.45
+    assert fired is None and record["collapse_z"] < 2.0
+    record, fired = watched(watch, 40, steady, 0.5)  # 0.2 and significant, pass@1 up: fires
+    assert fired == {
+        "step": 40,
+        "metric": "pass@4",
+        "best": pytest.approx(0.9),
+        "best_step": 10,
+        "current": pytest.approx(0.7),
+        "drop_se": pytest.approx(se),
+        "z": pytest.approx(0.2 / se),
+        "pass@1_at_best": 0.3,
+        "pass@1": 0.5,
+        "evaluations_in_a_row": 1,
+    }
+    assert watched(watch, 50, [0.0] * 20, 0.6)[1] is None  # fires once
+    resumed = CollapseWatch(min_drop=0.1, patience=1, metric="pass@4", z_threshold=2.0)
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed == watch
+    # the old rule (drop >= min_drop, no significance) would have fired on a noisy drop
+    loose = CollapseWatch(min_drop=0.1, patience=1, metric="pass@4", z_threshold=2.0)
+    watched(loose, 10, [1.0] * 10 + [0.0] * 10, 0.3)  # 0.5
+    noisy = [0.0] * 5 + [1.0] * 5 + [1.0] * 2 + [0.0] * 8  # 0.35: 5 down, 2 up
+    record, fired = watched(loose, 20, noisy, 0.4)
+    assert record["collapse_drop"] == pytest.approx(0.15)
+    assert record["collapse_z"] < 2.0 and fired is None
+
+
+def test_the_callback_warns_once_and_acts_on_collapse(tmp_path):
     module = ToyModule()
     seen = []
     callback = WiSEFTCallback(
         toy_problems(),
         module.tokenizer,
         ks=(1, 4),
-        collapse_min_drop=0.1,
-        collapse_patience=2,
-        on_collapse=lambda trainer, pl_module, info: seen.append(info),
+        collapse={"min_drop": 0.1, "on_collapse": lambda *args: seen.append(args)},
         **FAST,
     )
     trainer = trainer_for(tmp_path, [callback], max_steps=1)
-    records = [  # (step, pass@4, pass@1): peak at 10, then two drops of >= 0.1 with pass@1 up
-        (5, 0.6, 0.2),
-        (10, 0.9, 0.3),
-        (15, 0.75, 0.35),  # drop 0.15, pass@1 held: 1 in a row
-        (20, 0.85, 0.4),  # drop 0.05 < 0.1: the run is broken
-        (25, 0.7, 0.25),  # pass@1 fell below its value at the peak: not collapse
-        (30, 0.85, 0.4),  # drop too small again
-        (35, 0.6, 0.45),
-        (40, 0.5, 0.5),  # second in a row: fires
-        (45, 0.4, 0.6),  # already fired: no second warning
-    ]
+    callback._trainer, callback._pl_module = trainer, module
     fired = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step, pass4, pass1 in records:
-            record = {"step": step, "pass@4": pass4, "mean_rho": pass1}
-            fired.append(callback._check_collapse(trainer, module, record))
-    assert fired == [False] * 7 + [True, True]
+        for step, values in ((1, [1.0] * 6), (2, [0.0] * 6), (3, [0.0] * 6)):
+            array = np.asarray(values)
+            record = {"step": step, "pass@4": array.mean(), "mean_rho": 0.5}
+            record.update(callback._watch.compare(array))
+            fired.append(callback._watch_collapse(record, {"passk": array}))
+    assert fired == [False, True, True]
     messages = [str(w.message) for w in caught if "collapse" in str(w.message)]
     assert len(messages) == 1
-    assert "step 40: pass@4 fell from 0.9000 (step 10) to 0.5000" in messages[0]
-    assert seen == [
-        {
-            "step": 40,
-            "metric": "pass@4",
-            "best": 0.9,
-            "best_step": 10,
-            "current": 0.5,
-            "pass@1_at_best": 0.3,
-            "pass@1": 0.5,
-            "evaluations_in_a_row": 2,
-        }
-    ]
-    stopping = WiSEFTCallback(toy_problems(), module.tokenizer, on_collapse="stop", **FAST)
-    stopping.collapse_patience = 1
-    for step, pass_k in ((1, 0.9), (2, 0.5)):
-        stopping._check_collapse(trainer, module, {"step": step, "pass@4": pass_k, "mean_rho": 0})
+    assert "step 2: pass@4 fell from 1.0000 (step 1) to 0.0000" in messages[0]
+    assert [(t, m, info["step"]) for t, m, info in seen] == [(trainer, module, 2)]
+    stopping = WiSEFTCallback(
+        toy_problems(), module.tokenizer, collapse={"on_collapse": "stop"}, **FAST
+    )
+    stopping._trainer = trainer
+    for step, pass_k in ((1, 1.0), (2, 0.0)):
+        array = np.full(6, pass_k)
+        record = {"step": step, "pass@4": pass_k, "mean_rho": 0, **stopping._watch.compare(array)}
+        stopping._watch_collapse(record, {"passk": array})
     assert trainer.should_stop
 
 
@@ -301,18 +303,19 @@ class NoisyLabels(ToyModule):
 
 
 def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
+    """8 problems cannot give a paired z of 2 (it peaks near 1.5 here): the threshold is 1."""
     module = NoisyLabels(lr=1e-2)
     callback = WiSEFTCallback(
         module.problems(), module.tokenizer, snapshot_at=5, eval_every_n_steps=5, num_samples=16,
-        ks=(1, 16), alphas=(0.5,), collapse_min_drop=0.1, collapse_patience=2,
-        on_collapse="stop", max_new_tokens=2, progress=False,
+        ks=(1, 16), alphas=(0.5,), max_new_tokens=2, sample_logging={"progress": False},
+        collapse={"min_drop": 0.1, "z_threshold": 1.0, "patience": 2, "on_collapse": "stop"},
     )  # fmt: skip
     trainer = trainer_for(tmp_path, [callback], max_steps=200)
     with pytest.warns(UserWarning, match=r"diversity collapse at step \d+: pass@16 fell from"):
         trainer.fit(module)
     assert trainer.global_step < 200  # stopped
     current = [r for r in callback.history if r["alpha"] in (0.0, 1.0)]
-    last, state = current[-1], callback._collapse
+    last, state = current[-1], callback._watch
     assert last["step"] == trainer.global_step and state.fired and callback.collapse_detected
     assert state.best == max(r["pass@16"] for r in current) >= last["pass@16"] + 0.1
     assert last["pass@1"] >= state.best_pass1
@@ -325,7 +328,7 @@ def test_bf16_mixed_a_bf16_snapshot_and_a_fixed_alpha(tmp_path):
     before = Bracket()
     callback = WiSEFTCallback(
         toy_problems(3), module.tokenizer, snapshot_at=2, eval_every_n_steps=3,
-        alphas=(0.5,), final_alpha=0.25, snapshot_dtype="bfloat16", **FAST,
+        alphas=(0.5,), final_alpha=0.25, snapshotting={"dtype": "bfloat16"}, **FAST,
     )  # fmt: skip
     trainer_for(tmp_path, [before, callback], max_steps=4, precision="bf16-mixed").fit(module)
     assert [(r["step"], r["alpha"]) for r in callback.history] == [

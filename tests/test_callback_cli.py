@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from callback_toy import ToyModule, toy_problems
@@ -40,7 +41,12 @@ trainer:
         final_alpha: best
         select_metric: maj@4
         max_new_tokens: 3
-        progress: false
+        sampling:
+          top_p: 0.9
+        snapshotting:
+          dtype: bfloat16
+        sample_logging:
+          progress: false
 model:
   lr: 0.003
 """
@@ -48,6 +54,9 @@ model:
     cli = LightningCLI(ToyModule, args=["fit", "--config", str(config)], save_config_callback=None)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, WiSEFTCallback)]
     assert callback.select_metric == "maj@4" and callback.config.ks == (1, 4)
+    assert callback.config.sampling.top_p == 0.9 and not callback.sample_logging.progress
+    assert callback.snapshot is not None
+    assert {t.dtype for t in callback.snapshot.tensors.values()} == {torch.bfloat16}
     assert [(r["step"], r["alpha"]) for r in callback.history] == [
         (2, 0.0), (3, 0.5), (3, 1.0), (4, 0.5), (4, 1.0),
     ]  # fmt: skip

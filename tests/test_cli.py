@@ -6,8 +6,9 @@ import pytest
 
 from wise_callback.cli import main
 from wise_callback.demo.model import tiny_llama
-from wise_callback.evaluate import EvalConfig, evaluate, read_problems
+from wise_callback.evaluate import EvalConfig, evaluate
 from wise_callback.grading import exact_match
+from wise_callback.problems import load_problems
 from wise_callback.sampling import HFSampler, SamplingConfig
 
 
@@ -46,7 +47,7 @@ def test_eval_scores_the_grid_and_alpha_zero_is_the_early_checkpoint(
     direct = evaluate(
         model,
         None,
-        read_problems(problems),
+        load_problems(problems),
         HFSampler(model, tokenizer, progress=False),
         exact_match,
         config,

@@ -12,6 +12,7 @@ import pytest
 from wise_callback.grading import (
     GradingError,
     Verdict,
+    boxed_match,
     exact_match,
     extract_answer,
     grade_many,
@@ -172,17 +173,21 @@ def test_hostile_output_inline(grader, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_hostile_output_math_verify_in_workers(tmp_path):
+@pytest.mark.parametrize(
+    ("grader", "answer_is"), [(math_verify_match, "5"), (boxed_match, None)], ids=["math", "boxed"]
+)
+def test_hostile_output_in_workers(grader, answer_is, tmp_path):
     marker = tmp_path / "pwned"
     completions = hostile_completions(str(marker))
     verdicts, timed_out = grade_many(
-        math_verify_match, completions, ["4"] * len(completions), timeout_s=3, workers=WORKERS
+        grader, completions, ["4"] * len(completions), timeout_s=3, workers=WORKERS
     )
     assert verdicts[0] == Verdict(None, False)  # the tower of powers: killed, counted
     assert timed_out >= 1
     assert verdicts[1] == Verdict("4", True)  # the 1 MB completion
-    assert verdicts[6].correct
-    assert verdicts[7].answer == "5"
+    assert [v.answer for v in verdicts[2:4]] == [None, "3"]  # unbalanced; deeply nested
+    assert verdicts[6].correct  # NUL bytes dropped
+    assert verdicts[7].answer == answer_is  # "the answer is 5" (boxed_match wants a box)
     assert not any(v.correct for v in verdicts[8:])
     assert not marker.exists()
 
@@ -211,7 +216,7 @@ def test_grade_many_inline_grades_lambdas_with_workers_zero():
         lambda c, r: Verdict(c, c == r), ["a", "b"], ["a", "a"], workers=0
     )
     assert [v.correct for v in verdicts] == [True, False] and timed_out == 0
-    assert grade_many(exact_match, [], []) == ([], 0)
+    assert tuple(grade_many(exact_match, [], [])) == ([], 0)
 
 
 def test_grade_many_pool_keeps_order_and_reuses_workers():
@@ -275,8 +280,11 @@ def test_grade_many_survives_dying_workers_and_reports_raising_graders():
 
 
 MAIN_SCRIPT = """
-import os, sys
+import os, sys, time
 from wise_callback.grading import Verdict, grade_many
+
+if __name__ == "__mp_main__":
+    time.sleep(3)  # a training script's imports, slower than the 1 s per-item limit below
 
 def shout(completion, reference):
     return Verdict(completion.upper(), completion == reference)
@@ -286,7 +294,7 @@ if __name__ == "__main__":
     from wise_callback.grading import numeric_match
     assert grade_many(numeric_match, ["#### 3"], ["3"], workers=1).verdicts[0].correct
     print("--- a grader from __main__ now", file=sys.stderr, flush=True)
-    verdicts, timed_out = grade_many(shout, ["a", "b"], ["a", "a"], workers=1)
+    verdicts, timed_out = grade_many(shout, ["a", "b"], ["a", "a"], workers=1, timeout_s=1)
     print([v.answer for v in verdicts], [v.correct for v in verdicts], timed_out)
 """
 
@@ -295,7 +303,8 @@ if __name__ == "__main__":
 @pytest.mark.timeout(120)
 def test_grader_defined_in_a_script_main_runs_in_workers(tmp_path):
     """Workers load the script as __mp_main__ (its main block does not run there), and only
-    once a grader defined in it is used: a library grader never pays for the script's imports."""
+    once a grader defined in it is used: a library grader never pays for the script's imports.
+    The load (3 s here) does not count against the items' 1 s limit."""
     import subprocess
     import sys
 

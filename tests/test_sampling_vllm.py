@@ -193,6 +193,27 @@ def test_missing_vllm_is_a_clear_error_at_construction(model, tokenizer, monkeyp
         VLLMSampler(model, tokenizer)
 
 
+def test_lora_model_pushes_its_merged_dense_weights(model, tokenizer, sampler):
+    """A PeftModel of the module's base config shares the engine; inside `interpolated` vLLM's
+    greedy tokens equal `generate` on the dense merged model (merge_and_unload of a copy)."""
+    from lora_helpers import dense, lora_model, train
+
+    peft_model = lora_model(tokenizer)
+    train(peft_model, seed=1, scale=2.0)
+    snapshot = Snapshot.capture(peft_model)
+    train(peft_model, seed=2, scale=2.0)
+    lora_sampler = VLLMSampler(peft_model, tokenizer, progress=False, max_model_len=256)
+    config = SamplingConfig(temperature=0, max_new_tokens=16)
+    latest = token_ids(lora_sampler.sample(PROMPTS, 1, config))
+    merged = dense(peft_model, torch.float32)
+    assert latest == [[reference_greedy(merged, tokenizer, p, 16)] for p in PROMPTS]
+    with interpolated(peft_model, snapshot, 0.5):
+        mixed = token_ids(lora_sampler.sample(PROMPTS, 1, config))
+        merged = dense(peft_model, torch.float32)
+    assert mixed == [[reference_greedy(merged, tokenizer, p, 16)] for p in PROMPTS] != latest
+    sampler.load_weights(model)  # the module's sampler shares the engine: give it its weights back
+
+
 def test_a_sampler_for_another_model_replaces_the_engine(model, tokenizer, sampler):
     """Last in the module: it rebuilds the engine twice (one engine per process)."""
     config = SamplingConfig(temperature=0, max_new_tokens=12)

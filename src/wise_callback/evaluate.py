@@ -24,283 +24,56 @@ are saved and restored around sampling, so evaluating never changes the training
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from wise_callback.grading import Grader, grade_many
-from wise_callback.metrics import answer_diversity, collapse_stats, majority_at_k
-from wise_callback.sampling import Completion, Sampler, SamplingConfig
+from wise_callback.eval_config import (
+    CURRENT,
+    HIGHER_IS_BETTER,
+    EvalConfig,
+    check_alphas,
+    default_ks,
+    evaluation_seed,
+)
+from wise_callback.grading import Grader, Verdict, check_timeouts, grade_many, graders_for
+from wise_callback.problems import check_problems
+from wise_callback.results import (
+    AlphaResult,
+    Evaluation,
+    GradedAlpha,
+    ProblemResult,
+    summarize,
+    summarize_by_source,
+)
+from wise_callback.sampling import Completion, Sampler
 from wise_callback.sharding import is_sharded, reshard
-from wise_callback.stats import generation_health, standard_errors
-from wise_callback.weights import Snapshot, alpha_sweep, check_alpha
+from wise_callback.weights import Snapshot, alpha_sweep
 
-CURRENT = 1.0
-"""alpha = 1.0 is the current (latest) weights, evaluated without touching them."""
+__all__ = [  # the evaluation's names, importable from here as before the split
+    "BUDGET_CALLS",
+    "CURRENT",
+    "HIGHER_IS_BETTER",
+    "AlphaResult",
+    "EvalConfig",
+    "Evaluation",
+    "EvaluationError",
+    "ProblemResult",
+    "check_alphas",
+    "default_ks",
+    "evaluate",
+    "evaluation_seed",
+    "summarize",
+    "summarize_by_source",
+]
 
 BUDGET_CALLS = 16
 """With a time budget and `problems_per_call=None`, a rank's problems go out in this many calls."""
-
-HIGHER_IS_BETTER = ("pass@", "maj@", "jensen_bound@", "mean_rho")
-"""Prefixes of the metrics that can select the merge alpha (larger is better for all of them)."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How to evaluate: samples per problem, the k values, sampling and grading settings.
-
-    `ks` defaults to the powers of two up to `num_samples`, plus `num_samples` itself.
-    `sampling.seed` (default 0) is the base of the evaluation seeds. `problems_per_call`: the
-    block of consecutive problems that goes into one `sampler.sample` call (the unit of batching
-    and of the split across ranks; None: one block per rank, or BUDGET_CALLS blocks per rank
-    when `time_budget_s` is set, so that the budget has calls to stop between).
-    `time_budget_s`: seconds of sampling per evaluation (see `evaluate`).
-    """
-
-    num_samples: int = 16
-    ks: tuple[int, ...] | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    grade_timeout_s: float = 10.0
-    grade_workers: int | None = None
-    problems_per_call: int | None = 8
-    time_budget_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int):
-            raise TypeError(f"num_samples must be an int, got {self.num_samples!r}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        ks = default_ks(self.num_samples) if self.ks is None else tuple(self.ks)
-        if not ks:
-            raise ValueError("ks is empty: give at least one k")
-        for k in ks:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"every k must be a positive int, got {k!r} in ks={ks}")
-            if k > self.num_samples:
-                raise ValueError(
-                    f"k={k} in ks={ks} is larger than num_samples={self.num_samples}: Pass@k needs "
-                    "at least k samples per problem"
-                )
-        object.__setattr__(self, "ks", tuple(sorted(set(ks))))
-        if not isinstance(self.sampling, SamplingConfig):
-            raise TypeError(
-                f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}"
-            )
-        if not (self.grade_timeout_s > 0 and math.isfinite(self.grade_timeout_s)):
-            raise ValueError(
-                f"grade_timeout_s must be a positive number, got {self.grade_timeout_s}"
-            )
-        if self.grade_workers is not None and self.grade_workers < 0:
-            raise ValueError(f"grade_workers must be None or >= 0, got {self.grade_workers}")
-        per_call = self.problems_per_call
-        if per_call is not None and (isinstance(per_call, bool) or per_call < 1):
-            raise ValueError(f"problems_per_call must be None or >= 1, got {per_call}")
-        budget = self.time_budget_s
-        if budget is not None and not (
-            isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)
-        ):
-            raise ValueError(f"time_budget_s must be None or a positive number, got {budget!r}")
-
-    @property
-    def max_k(self) -> int:
-        assert self.ks is not None
-        return self.ks[-1]
-
-    def metric_names(self) -> list[str]:
-        """The scalar metrics of every record (what `select_metric` may name, and more)."""
-        assert self.ks is not None
-        names = [f"pass@{k}" for k in self.ks] + [f"maj@{k}" for k in self.ks]
-        names += ["mean_rho", "var_rho", "frac_rho0", "frac_rho1"]
-        names += [f"jensen_bound@{k}" for k in self.ks if k >= 2]
-        names += ["mean_distinct_answers", "mean_answer_entropy", "mean_none_fraction"]
-        names += [f"{m}@{k}_se" for m in ("pass", "maj") for k in self.ks]
-        return [*names, "mean_completion_tokens", "frac_truncated"]
-
-    def selectable_metrics(self) -> list[str]:
-        """Metrics where larger is better: the ones an alpha can be chosen by."""
-        names = self.metric_names()
-        return [m for m in names if m.startswith(HIGHER_IS_BETTER) and not m.endswith("_se")]
-
-
-def default_ks(num_samples: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to num_samples, and num_samples itself."""
-    ks = [2**i for i in range(num_samples.bit_length()) if 2**i <= num_samples]
-    return tuple(sorted({*ks, num_samples}))
-
-
-def check_alphas(alphas: Iterable[float]) -> tuple[float, ...]:
-    """Alphas as sorted unique floats in [0, 1]; ValueError naming a bad one."""
-    values = [check_alpha(a) for a in alphas]
-    return tuple(sorted(set(values)))
-
-
-def check_problems(problems: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Problems as a list of dicts with a "prompt" (text or token ids) and an "answer" (a string;
-    numbers are turned into their string form). Other fields travel along untouched.
-
-    Accepts a list of mappings or anything iterable over row dicts (e.g. a `datasets.Dataset`).
-    """
-    if isinstance(problems, (str, bytes, Mapping)):
-        raise TypeError(
-            "problems must be a list of {'prompt', 'answer'} dicts (or a datasets.Dataset with "
-            f"those columns), got a {type(problems).__name__}"
-        )
-    rows = list(problems)
-    if not rows:
-        raise ValueError("problems is empty: give at least one {'prompt', 'answer'} problem")
-    checked = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise TypeError(f"problem {index} is a {type(row).__name__}, not a mapping")
-        missing = [key for key in ("prompt", "answer") if key not in row]
-        if missing:
-            raise ValueError(f"problem {index} lacks {missing}; it has keys {sorted(row)}")
-        prompt, answer = row["prompt"], row["answer"]
-        is_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
-        if not ((isinstance(prompt, str) or is_ids) and len(prompt) > 0):
-            raise ValueError(f"problem {index}: prompt must be a non-empty str or token-id list")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise ValueError(f"problem {index}: answer must be a str or a number, got {answer!r}")
-        checked.append({**row, "answer": str(answer)})
-    return checked
-
-
-def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Problems from a JSONL file, one {"prompt", "answer", ...} object per line, checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"problems file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not a JSON object ({err})") from None
-    return check_problems(rows)
-
-
-def evaluation_seed(base: int, step: int | None) -> int:
-    """The sampling seed of the evaluation at `step` (samplers derive per-prompt seeds from it)."""
-    digest = hashlib.blake2b(f"{base}:{step}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-@dataclass(frozen=True)
-class ProblemResult:
-    """The n graded samples of one problem under one alpha (index = position in `problems`)."""
-
-    index: int
-    completions: list[str]
-    answers: list[Hashable | None]
-    correct: list[bool]
-    finish_reasons: list[str | None]
-    num_tokens: list[int]
-    timed_out: int = 0
-
-    @property
-    def num_correct(self) -> int:
-        return sum(self.correct)
-
-
-@dataclass
-class _Graded:
-    """Graded problems of one alpha, and how many items timed out in grading."""
-
-    problems: list[ProblemResult]
-    timed_out: int
-
-
-@dataclass
-class AlphaResult:
-    """All problems (in order) under one alpha, and the metrics computed from them (with
-    `timed_out`: completions whose grading timed out, counted as incorrect)."""
-
-    alpha: float
-    problems: list[ProblemResult]
-    metrics: dict[str, Any]
-
-
-@dataclass
-class Evaluation:
-    """One evaluation: a result per alpha, and where the time went (seconds by phase)."""
-
-    step: int | None
-    results: list[AlphaResult]
-    timings: dict[str, float]
-
-    def records(self) -> list[dict[str, Any]]:
-        """Flat history records, one per alpha: {"step", "alpha", "pass@1", ..., "num_problems"}."""
-        return [{"step": self.step, "alpha": r.alpha, **r.metrics} for r in self.results]
-
-
-def summarize(problems: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, Any]:
-    """The collapse metrics of a set of per-problem results (a whole alpha, or any subset).
-
-    Keys: pass@k and maj@k for each k, and their standard errors over problems (pass@k_se,
-    maj@k_se; None for a single problem); the bias-variance terms of `collapse_stats` (mean_rho,
-    var_rho, jensen_bound@k for k >= 2, frac_rho0, frac_rho1) and rho_hist (problem counts over
-    10 equal bins of rho); the `answer_diversity` means (mean_distinct_answers,
-    mean_answer_entropy, mean_none_fraction: the fraction of samples with no extractable answer);
-    generation health (mean_completion_tokens, frac_truncated); num_problems and num_samples.
-    """
-    if not problems:
-        raise ValueError("no problem results to summarize")
-    n = np.array([len(p.correct) for p in problems])
-    c = np.array([p.num_correct for p in problems])
-    answers = [p.answers for p in problems]
-    stats = collapse_stats(n, c, list(ks))
-    majority = majority_at_k(answers, [p.correct for p in problems], list(ks))
-    metrics: dict[str, Any] = {f"pass@{k}": stats.pass_at[k] for k in ks}
-    metrics.update(
-        {f"maj@{k}": math.fsum(majority[:, j]) / len(problems) for j, k in enumerate(ks)}
-    )
-    metrics.update(stats.scalars())
-    metrics.update(answer_diversity(answers).scalars())
-    metrics.update(standard_errors(n, c, majority, ks))
-    metrics.update(
-        generation_health([p.finish_reasons for p in problems], [p.num_tokens for p in problems])
-    )
-    metrics.update(
-        rho_hist=[int(x) for x in stats.rho_histogram],
-        num_problems=len(problems),
-        num_samples=int(n.sum()),
-    )
-    return metrics
-
-
-def summarize_by_source(
-    results: Sequence[ProblemResult], problems: Sequence[Mapping[str, Any]], ks: Sequence[int]
-) -> dict[str, Any]:
-    """Every scalar metric of `summarize` per problem "source" (e.g. "gsm8k"), as
-    "{source}/{metric}" keys; {} when no problem has a source (others count as "unknown").
-
-    Means over problems (pass@k, maj@k, mean_rho, ...) of the sources, weighted by their
-    num_problems, average back to the overall numbers.
-    """
-    sources = [problems[r.index].get("source") for r in results]
-    if all(source is None for source in sources):
-        return {}
-    groups: dict[str, list[ProblemResult]] = {}
-    for result, source in zip(results, sources, strict=True):
-        groups.setdefault("unknown" if source is None else str(source), []).append(result)
-    return {
-        f"{source}/{name}": value
-        for source, group in sorted(groups.items())
-        for name, value in summarize(group, ks).items()
-        if not isinstance(value, list)
-    }
 
 
 def evaluate(
@@ -341,7 +114,7 @@ def evaluate(
     start = time.perf_counter()
     calls = _calls(model, len(problems), config, rank, world_size)
     local = [index for call in calls for index in call]
-    graded: dict[float, _Graded] | None = None
+    graded: dict[float, GradedAlpha] | None = None
     error: Exception | None = None
     try:
         completions = _sample(
@@ -370,6 +143,9 @@ def evaluate(
         graded = _gather(graded, error, world_size)
     timings["gather_s"] = time.perf_counter() - tick
     assert graded is not None
+    # every rank holds the same counts now, so all of them fail (or not) together
+    timed_out = sum(g.timed_out for g in graded.values())
+    check_timeouts(timed_out, sum(len(r.correct) for g in graded.values() for r in g.problems))
     results = [
         AlphaResult(
             alpha,
@@ -518,8 +294,8 @@ class EvaluationError(RuntimeError):
 
 
 def _gather(
-    local: dict[float, _Graded] | None, error: Exception | None, world_size: int
-) -> dict[float, _Graded]:
+    local: dict[float, GradedAlpha] | None, error: Exception | None, world_size: int
+) -> dict[float, GradedAlpha]:
     """Every rank's graded problems, in problem order, on every rank (torch.distributed)."""
     message = None if error is None else f"{type(error).__name__}: {error}"
     parts: list[Any] = [None] * world_size
@@ -527,14 +303,14 @@ def _gather(
     failures = [f"rank {r}: {m}" for r, (_, m) in enumerate(parts) if m is not None]
     if failures:
         raise EvaluationError("evaluation failed on " + "; ".join(failures)) from error
-    merged: dict[float, _Graded] = {}
+    merged: dict[float, GradedAlpha] = {}
     for alpha in local or {}:
         everyone = [part[alpha] for part, _ in parts]
         results = sorted((r for g in everyone for r in g.problems), key=lambda r: r.index)
         indices = [r.index for r in results]
         if indices != list(range(len(results))):
             raise RuntimeError(f"gathered problem indices are not 0..{len(results) - 1}: {indices}")
-        merged[alpha] = _Graded(results, sum(g.timed_out for g in everyone))
+        merged[alpha] = GradedAlpha(results, sum(g.timed_out for g in everyone))
     return merged
 
 
@@ -547,26 +323,37 @@ def _grade(
     completions: dict[float, list[list[Completion]]],
     problems: list[dict[str, Any]],
     indices: list[int],
-    grader: Grader,
+    grader: Grader | str,
     config: EvalConfig,
-) -> dict[float, _Graded]:
-    """Grade this rank's completions, one `grade_many` call per alpha (its pool persists)."""
-    graded: dict[float, _Graded] = {}
+) -> dict[float, GradedAlpha]:
+    """Grade this rank's completions: per alpha, one `grade_many` call per grader (one in all
+    unless grader="auto" picks per problem layout; the pool persists)."""
+    graders = graders_for(problems, grader)
+    graded: dict[float, GradedAlpha] = {}
     for alpha, per_problem in completions.items():
-        texts = [c.text for samples in per_problem for c in samples]
-        references = [
-            p["answer"] for p, samples in zip(problems, per_problem, strict=True) for _ in samples
-        ]
-        verdicts, timed_out = grade_many(
-            grader,
-            texts,
-            references,
-            timeout_s=config.grade_timeout_s,
-            workers=config.grade_workers,
-        )
+        items = [(p, c) for p, samples in enumerate(per_problem) for c in samples]
+        verdicts: list[Verdict] = [Verdict(None, False)] * len(items)
+        timed_out = [False] * len(items)
+        by_grader: dict[int, list[int]] = {}
+        for item, (problem, _) in enumerate(items):
+            by_grader.setdefault(id(graders[problem]), []).append(item)
+        for group in by_grader.values():
+            result = grade_many(
+                graders[items[group[0]][0]],
+                [items[i][1].text for i in group],
+                [problems[items[i][0]]["answer"] for i in group],
+                timeout_s=config.grade_timeout_s,
+                workers=config.grade_workers,
+                load_timeout_s=config.grade_load_timeout_s,
+            )
+            for position, item in enumerate(group):
+                verdicts[item] = result.verdicts[position]
+            for position in result.timed_out_items:
+                timed_out[group[position]] = True
         results, start = [], 0
         for index, samples in zip(indices, per_problem, strict=True):
             marks = verdicts[start : start + len(samples)]
+            late = sum(timed_out[start : start + len(samples)])
             start += len(samples)
             results.append(
                 ProblemResult(
@@ -576,7 +363,8 @@ def _grade(
                     correct=[bool(v.correct) for v in marks],
                     finish_reasons=[c.finish_reason for c in samples],
                     num_tokens=[len(c.token_ids) for c in samples],
+                    timed_out=late,
                 )
             )
-        graded[alpha] = _Graded(results, timed_out)
+        graded[alpha] = GradedAlpha(results, sum(timed_out))
     return graded

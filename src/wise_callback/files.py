@@ -4,6 +4,7 @@ partial one. A leaf module: it imports nothing of ours, so every other module ma
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,3 +44,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def replace_folder(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Rename the finished folder `staging` onto `target`; an old `target` is moved aside first
+    and removed only after the rename (put back if the rename fails). The parent is fsynced."""
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.rename(staging, target)
+    else:
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.rename(target, old / target.name)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old / target.name, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return target

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,11 +24,12 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from tqdm.auto import tqdm
 
+from wise_callback.files import replace_folder, write_atomically
 from wise_callback.weights import check_alpha, name_listing
 
 log = logging.getLogger(__name__)
@@ -137,12 +139,15 @@ class Checkpoint:
         try:
             index = json.loads(path.read_text())
             weight_map = dict(index["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            metadata = dict(index.get("metadata") or {})
+        except (KeyError, TypeError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
             raise ValueError(f"{path} is not a valid checkpoint index: {err}") from err
+        if not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{path} is not a valid checkpoint index: a file name is not a string")
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{path} names shard files that are missing: {missing}")
-        self.index_metadata = dict(index.get("metadata") or {})
+        self.index_metadata = metadata
         return weight_map
 
     def shards(self) -> dict[str, list[str]]:
@@ -187,14 +192,25 @@ def merge_checkpoints(
     """Write theta(alpha) = lerp(EARLY, LATEST, alpha) as a checkpoint folder at `out_dir`.
 
     Floating-point tensors are interpolated in LATEST's dtype; other tensors are LATEST's. The
-    output is always safetensors, sharded like LATEST. Returns the output folder.
+    output is always safetensors, sharded like LATEST. Returns the output folder. Two PEFT LoRA
+    adapter folders (adapter_config.json) give the exact interpolated adapter instead
+    (`wise_callback.lora_merge`).
     """
+    from wise_callback.lora_merge import is_adapter_folder, merge_adapters
+
+    if is_adapter_folder(early_dir) or is_adapter_folder(latest_dir):
+        return merge_adapters(
+            early_dir,
+            latest_dir,
+            out_dir,
+            alpha,
+            force=force,
+            allow_extrapolation=allow_extrapolation,
+        )
     alpha = check_alpha(alpha, allow_extrapolation)
-    early = Checkpoint(early_dir, allow_pickle)
-    latest = Checkpoint(latest_dir, allow_pickle)
+    early, latest = read_checkpoints(early_dir, latest_dir, allow_pickle)
     out = Path(out_dir)
     _check_output(out, [early.folder, latest.folder], force)
-    _check_compatible(early, latest)
 
     layout = {_safetensors_name(f): names for f, names in latest.shards().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,25 +226,49 @@ def merge_checkpoints(
             weight_map = {n: f for f, names in layout.items() for n in names}
             index = {"metadata": {**latest.index_metadata, "total_size": total}}
             index["weight_map"] = dict(sorted(weight_map.items()))
-            _write_text(tmp / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+            text = json.dumps(index, indent=2) + "\n"
+            write_atomically(tmp / SAFETENSORS_INDEX, lambda t: t.write_text(text), fsync=True)
         _copy_other_files(latest, tmp)
-        _replace_dir(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def read_checkpoints(
+    early_dir: str | os.PathLike, latest_dir: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[Checkpoint, Checkpoint]:
+    """EARLY and LATEST's weight listings (headers only), checked to hold the same tensors with
+    the same shapes: every malformed or mismatched file is found before any work starts."""
+    early = Checkpoint(early_dir, allow_pickle)
+    latest = Checkpoint(latest_dir, allow_pickle)
+    _check_compatible(early, latest)
+    return early, latest
+
+
 def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """OUT_DIR must not be an input, lie inside one (the merge would write into the input), or
+    hold one (--force would delete it); it must be creatable, and replaced only with --force."""
     resolved = out.resolve()
     for folder in inputs:
-        if folder.resolve() == resolved or folder.resolve().is_relative_to(resolved):
-            raise ValueError(f"output folder {out} would overwrite the input {folder}")
+        source = folder.resolve()
+        if resolved == source:
+            raise ValueError(f"output folder {out} is the input folder {folder}")
+        if resolved.is_relative_to(source):
+            raise ValueError(f"output folder {out} lies inside the input folder {folder}")
+        if source.is_relative_to(resolved):
+            raise ValueError(f"output folder {out} holds the input {folder}")
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"output path {out} exists and is not a folder")
         if not force:
             raise FileExistsError(f"output folder {out} already exists; pass --force to replace it")
+    ancestor = next(p for p in resolved.parents if p.exists())
+    if not ancestor.is_dir():
+        raise FileExistsError(f"cannot create output folder {out}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create output folder {out}: no permission to write in {ancestor}")
 
 
 def _check_compatible(early: Checkpoint, latest: Checkpoint) -> None:
@@ -334,28 +374,9 @@ def _copy_other_files(latest: Checkpoint, tmp: Path) -> None:
         )
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old OUT_DIR (--force) is removed only after."""
-    if not out.exists():
-        os.rename(tmp, out)
-    else:
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old / out.name, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header, checking that every tensor lies inside the file."""
+    """Parse a safetensors header, checking its structure and that every tensor lies inside the
+    file: a malformed header is a ValueError naming the file, never a KeyError or TypeError."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -366,21 +387,38 @@ def _header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not a safetensors file (unreadable header)") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
-    infos = {}
-    for name, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        dtype = DTYPES[entry["dtype"]]
-        shape = tuple(entry["shape"])
-        start, end = (8 + length + offset for offset in entry["data_offsets"])
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if end - start != numel * dtype.itemsize or end > size:
-            raise ValueError(f"{path} is truncated or corrupt: tensor {name} lies outside it")
-        infos[name] = TensorInfo(path, dtype, shape, start, end)
-    return infos
+    return {
+        name: _tensor_info(path, name, entry, 8 + length, size) for name, entry in header.items()
+    }
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape, a byte range inside the file that fits."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is corrupt: the header entry of tensor {name} is not an object")
+    dtype_name, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype_name!r}")
+    if not _naturals(shape) or not (_naturals(offsets) and len(offsets) == 2):
+        raise ValueError(
+            f"{path} is corrupt: tensor {name} needs a shape and two data_offsets of integers "
+            f">= 0, got shape={shape!r}, data_offsets={offsets!r}"
+        )
+    dtype = DTYPES[dtype_name]
+    start, end = (data_start + offset for offset in offsets)
+    if end - start != math.prod(shape) * dtype.itemsize or end > size:
+        raise ValueError(f"{path} is truncated or corrupt: tensor {name} lies outside it")
+    return TensorInfo(path, dtype, tuple(shape), start, end)
+
+
+def _naturals(value: Any) -> TypeGuard[list[int]]:
+    """Whether `value` is a JSON list of integers >= 0 (as shapes and offsets must be)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 def _pickle_infos(path: Path, cache: dict[Path, dict[str, torch.Tensor]]) -> dict[str, TensorInfo]:
@@ -402,10 +440,3 @@ def _pickle_infos(path: Path, cache: dict[Path, dict[str, torch.Tensor]]) -> dic
 def _safetensors_name(file_name: str) -> str:
     """pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors; others unchanged."""
     return re.sub(r"^pytorch_model(.*)\.bin$", r"model\1.safetensors", file_name)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())

@@ -2,7 +2,7 @@
 
 The functional core (numpy, vectorised over problems, exact) comes first; the torchmetrics
 classes after it only store per-problem values and reduce them across processes, in the split
-torchmetrics itself uses (functional/ vs Metric classes). Definitions: ../../shared/DESIGN.md.
+torchmetrics itself uses (functional/ vs Metric classes). Definitions: the README, "The metrics".
 
 Every mean over problems is `math.fsum(...) / count`: an exactly rounded sum does not depend on
 the order of the problems, so a run split over processes gives bit-identical numbers.

@@ -12,8 +12,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wise_callback.evaluate import EvalConfig, Evaluation, check_alphas, check_problems, evaluate
+from wise_callback.evaluate import EvalConfig, Evaluation, check_alphas, evaluate
 from wise_callback.grading import Grader
+from wise_callback.problems import check_problems, format_prompts
 from wise_callback.sampling.factory import make_sampler
 from wise_callback.weights import Snapshot
 
@@ -33,7 +34,8 @@ def evaluate_checkpoints(
     """Evaluate theta(alpha) = (1 - alpha) * early + alpha * latest for alpha in {0, *alphas, 1}.
 
     Records carry step 0 (no training step applies). The model keeps the latest checkpoint's dtype;
-    the tokenizer comes from the latest folder.
+    the tokenizer comes from the latest folder (chat-message prompts go through its chat
+    template).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +51,7 @@ def evaluate_checkpoints(
     tokenizer = AutoTokenizer.from_pretrained(latest_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    problems = format_prompts(problems, tokenizer, apply_chat_template=False)  # chat messages
     chosen = make_sampler(sampler, model, tokenizer, sampler_options)
     return evaluate(
         model, snapshot, problems, chosen, grader, config, alphas=grid, step=0, progress=progress

@@ -4,7 +4,8 @@ The engine is built once per process, lazily (first `sample` or `load_weights`),
 config and the tokenizer written once to a temporary folder, with `load_format="dummy"`: vLLM
 allocates random weights instead of reading a checkpoint, and the real ones are pushed from the
 live module, tensor by tensor, with no disk in between. Prefix caching stays on, so the n samples
-of a prompt share its prefill.
+of a prompt share its prefill. A PEFT LoRA model is pushed as its dense merged weights
+(W0 + s * B @ A per adapted layer, computed one tensor at a time) under the base model's names.
 
 Environment defaults, set with `os.environ.setdefault` before vLLM is imported (so a value you set
 wins): `VLLM_ENABLE_V1_MULTIPROCESSING=0` (engine in this process: it must see the weights we push,
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 
+from wise_callback.lora import has_lora
+from wise_callback.lora_dense import merged_dense_tensors
 from wise_callback.sampling.base import (
     Completion,
     SamplingConfig,
@@ -63,6 +66,13 @@ def import_vllm():
             "HFSampler needs neither."
         ) from error
     return vllm
+
+
+def engine_option_names() -> set[str]:
+    """The keyword arguments `vllm.LLM` accepts as engine options (the fields of EngineArgs)."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(import_vllm().EngineArgs)}
 
 
 class VLLMSampler:
@@ -263,7 +273,11 @@ def _shutdown() -> None:
 
 
 def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's state by its transformers names; DTensor shards are gathered one at a time."""
+    """The model's state by its transformers names; DTensor shards are gathered one at a time.
+    A PEFT LoRA model gives its dense merged weights under the base model's names."""
+    if has_lora(model):
+        yield from merged_dense_tensors(model)
+        return
     for name, tensor in model.state_dict().items():
         yield name, full_tensor(tensor).detach()
 
@@ -276,7 +290,11 @@ def _fingerprint(model: torch.nn.Module) -> tuple:
 
 
 def _architecture(model: torch.nn.Module) -> str:
-    """The transformers class name vLLM maps to its model (skipping FSDP2's wrapper class)."""
+    """The transformers class name vLLM maps to its model (skipping FSDP2's wrapper class and a
+    PeftModel around it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):
+        model = get_base_model()
     for cls in type(model).__mro__:
         if cls.__module__.startswith("transformers."):
             return cls.__name__
