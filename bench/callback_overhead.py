@@ -84,6 +84,7 @@ def fit(args, train, heldout, with_callback: bool):
             eval_every_n_steps=args.eval_every,
             num_samples=args.samples,
             max_new_tokens=args.new_tokens,
+            sample_logging={"progress": False},
         )
         times = EvaluationTimes(wiseft)
         callbacks = [wiseft, times]

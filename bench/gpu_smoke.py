@@ -124,6 +124,7 @@ def fit(args, tokenizer, train, heldout, sampler_options: dict | None) -> tuple:
             num_samples=args.n,
             sampler=sampler,
             max_new_tokens=args.new_tokens,
+            sample_logging={"progress": False},
         )
         callbacks = [wiseft]
     trainer = pl.Trainer(

@@ -17,6 +17,7 @@ from helpers import reference_greedy
 from wise_callback.demo.model import char_tokenizer, tiny_llama
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
 from wise_callback.sampling import vllm as vllm_sampling
+from wise_callback.sampling.factory import check_sampler
 from wise_callback.weights import Snapshot, interpolate_, interpolated
 
 pytest.importorskip("vllm")
@@ -185,6 +186,13 @@ def test_sleep_between_evals_is_refused_on_cpu_before_any_engine_is_built(model,
     assert vllm_sampling._engine == engine
     with pytest.raises(TypeError, match="sleep_between_evals must be a bool"):
         VLLMSampler(model, tokenizer, sleep_between_evals="yes")
+
+
+def test_callback_sampler_options_take_the_memory_options():
+    """What `sampler_kwargs` / `sampler_options` are checked against before any work."""
+    check_sampler("vllm", {"sleep_between_evals": False, "gpu_memory_utilization": 0.5})
+    with pytest.raises(ValueError, match="'sleep_between_eval'\\] are not options"):
+        check_sampler("vllm", {"sleep_between_eval": True})
 
 
 def test_missing_vllm_is_a_clear_error_at_construction(model, tokenizer, monkeypatch):
