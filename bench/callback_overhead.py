@@ -59,6 +59,35 @@ class EvaluationTimes(Callback):
         self._collect()
 
 
+def wiseft_callback(args, heldout, tokenizer, sampler) -> WiSEFTCallback:
+    """The callback as the benches run it (also bench/gpu_smoke.py): snapshot at 10% of the
+    steps, an evaluation every `args.eval_every` steps, `args.samples` samples of
+    `args.new_tokens` tokens per problem, exact-match grading, default alphas."""
+    return WiSEFTCallback(
+        heldout,
+        tokenizer,
+        grader=exact_match,
+        snapshot_at=0.1,
+        eval_every_n_steps=args.eval_every,
+        num_samples=args.samples,
+        sampler=sampler,
+        max_new_tokens=args.new_tokens,
+        sample_logging={"progress": False},
+    )
+
+
+def quiet_trainer(callbacks: list[Callback], **options) -> pl.Trainer:
+    """A Trainer without logger, checkpoints, progress bar or model summary."""
+    return pl.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+
+
 def fit(args, train, heldout, with_callback: bool):
     """One fit of a fresh model (same seed every time); returns its wall time, the timings of
     the callback's evaluations, and the trained model."""
@@ -76,28 +105,12 @@ def fit(args, train, heldout, with_callback: bool):
     callbacks: list[Callback] = []
     times = None
     if with_callback:
-        wiseft = WiSEFTCallback(
-            heldout,
-            tokenizer,
-            grader=exact_match,
-            snapshot_at=0.1,
-            eval_every_n_steps=args.eval_every,
-            num_samples=args.samples,
-            max_new_tokens=args.new_tokens,
-            sample_logging={"progress": False},
-        )
+        wiseft = wiseft_callback(args, heldout, tokenizer, sampler="hf")
         times = EvaluationTimes(wiseft)
         callbacks = [wiseft, times]
     with tempfile.TemporaryDirectory() as folder:  # the snapshot and history.jsonl go here
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=args.steps,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=folder,
+        trainer = quiet_trainer(
+            callbacks, accelerator="cpu", max_steps=args.steps, default_root_dir=folder
         )
         start = time.perf_counter()
         trainer.fit(module, data)

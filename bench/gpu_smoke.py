@@ -26,12 +26,14 @@ import argparse
 import gc
 import json
 import statistics
+import tempfile
 import threading
 import time
 
 import torch
 
-from sampling import vllm_raw_vs_sampler  # bench/sampling.py, next to this script
+from callback_overhead import quiet_trainer, wiseft_callback  # bench/, next to this script
+from sampling import vllm_raw_vs_sampler
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--problems", type=int, default=64, help="held-out problems")
-    parser.add_argument("--n", type=int, default=16, help="samples per problem")
+    parser.add_argument("--samples", type=int, default=16, help="samples per problem")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
@@ -104,44 +106,27 @@ def fit(args, tokenizer, train, heldout, sampler_options: dict | None) -> tuple:
     """One Lightning fit (bf16, like examples/sft_gsm8k.py) of a fresh model; with
     `sampler_options`, WiSEFTCallback samples through a VLLMSampler built with them.
     Returns the trained model, the sampler (or None) and the fit's time and memory figures."""
-    import lightning.pytorch as pl
-
-    from wise_callback import WiSEFTCallback
     from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
-    from wise_callback.grading import exact_match
     from wise_callback.sampling import VLLMSampler
 
     model = qwen2_half_billion(151936, tokenizer)
-    sampler = callbacks = None
+    sampler = None
+    callbacks = []
     if sampler_options is not None:
         sampler = VLLMSampler(model, tokenizer, progress=False, **sampler_options)
-        wiseft = WiSEFTCallback(
-            heldout,
-            tokenizer,
-            grader=exact_match,
-            snapshot_at=0.1,
-            eval_every_n_steps=args.eval_every,
-            num_samples=args.n,
-            sampler=sampler,
-            max_new_tokens=args.new_tokens,
-            sample_logging={"progress": False},
-        )
-        callbacks = [wiseft]
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-true",
-        max_steps=args.steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+        callbacks = [wiseft_callback(args, heldout, tokenizer, sampler)]
     torch.cuda.reset_peak_memory_stats()
     used_at_start = device_used()
     start = time.perf_counter()
-    with DevicePeak() as peak:
+    with tempfile.TemporaryDirectory() as folder, DevicePeak() as peak:  # the snapshot goes here
+        trainer = quiet_trainer(
+            callbacks,
+            accelerator="gpu",
+            devices=1,
+            precision="bf16-true",
+            max_steps=args.steps,
+            default_root_dir=folder,
+        )
         data = ChainDataModule(tokenizer, train, batch_size=args.batch_size, seed=0)
         trainer.fit(ChainSFTModule(model, lr=1e-4), data)
     figures = {
@@ -178,13 +163,13 @@ def main() -> None:
         "steps": args.steps,
         "eval_every_n_steps": args.eval_every,
         "problems": args.problems,
-        "n": args.n,
+        "samples": args.samples,
         "new_tokens": args.new_tokens,
         "sampler_options": options,
         "device_used_at_start_bytes": device_used(),
     }
     model, _, without = fit(args, tokenizer, train, heldout, None)
-    result["params_millions"] = round(sum(p.numel() for p in model.parameters()) / 1e6)
+    result["params_millions"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     del model
     gc.collect()  # the first fit's model and optimizer state, before the second fit starts
     torch.cuda.empty_cache()
@@ -206,7 +191,7 @@ def main() -> None:
 
     config = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
     prompts = [tokenizer(p["prompt"])["input_ids"] for p in heldout]
-    race = vllm_raw_vs_sampler(sampler, prompts, args.n, config, args.repeats)
+    race = vllm_raw_vs_sampler(sampler, prompts, args.samples, config, args.repeats)
     result["vllm_raw_tokens_per_s"] = round(race["raw_tokens"] / race["raw_s"], 1)
     result["vllm_sampler_tokens_per_s"] = round(race["sampler_tokens"] / race["sampler_s"], 1)
     result["vllm_sampler_vs_raw"] = round(
