@@ -34,6 +34,7 @@ class CollapseWatch:
     best_values: list[float] = field(default_factory=list)  # per problem, at the best
     streak: int = 0
     fired: bool = False
+    fired_step: int | None = None
 
     def compare(self, values: np.ndarray) -> dict[str, float | None]:
         """The paired drop of this evaluation from the best so far (problems a time budget left
@@ -62,7 +63,7 @@ class CollapseWatch:
             self.streak = 0
         if self.fired or self.streak < self.patience:
             return None
-        self.fired = True
+        self.fired, self.fired_step = True, record["step"]
         return {
             "step": record["step"],
             "metric": self.metric,

@@ -122,6 +122,8 @@ class WiSEFTCore:
             self.collapse.z_threshold,
         )
         self.final_report: dict[str, Any] | None = None
+        self.spent = {"evaluations": 0, "generated_tokens": 0.0, "sample_s": 0.0}
+        """What the evaluations cost so far (sampling wall time is this process's)."""
         self._last_grid: dict[str, Any] | None = None  # per-problem values of the latest grid
         self._last_eval_step: int | None = None
         self._early = EarlySchedule(self.snapshot_at, self.snapshotting.peak_until)
@@ -182,7 +184,23 @@ class WiSEFTCore:
             and not (self._early.peak and self._early.open)
             and step not in (self.snapshot.step, self._last_eval_step)
         ):
-            self._run_evaluation(step, (CURRENT, *self.alphas))
+            self._run_evaluation(step, self._alphas_due(step))
+
+    def _alphas_due(self, step: int) -> tuple[float, ...]:
+        """The current weights, and the alpha grid when due: every `evaluation.grid_every`-th
+        evaluation, at the last planned step, and after an evaluation whose collapse_z reached
+        `evaluation.grid_when_z`. The decisions (collapse watch, final choice) only read the
+        current weights and the last step's grid, so a sparser grid does not change them."""
+        after = self._early.step or 0
+        count = 1 + sum(r["alpha"] == CURRENT and r["step"] > after for r in self.history)
+        last_z = next((r.get("collapse_z") for r in reversed(self.history)), None)
+        alert = self.evaluation.grid_when_z
+        due = (
+            count % self.evaluation.grid_every == 0
+            or step >= self._require_context().planned_steps
+            or (alert is not None and last_z is not None and last_z >= alert)
+        )
+        return (CURRENT, *self.alphas) if due else (CURRENT,)
 
     def training_ended(self, step: int) -> None:
         """Evaluate the final weights if stale, choose the alpha, merge on every rank, save."""
@@ -194,7 +212,10 @@ class WiSEFTCore:
                 f"{self._early.step}; nothing to evaluate or merge"
             )
             return
-        if self._last_eval_step != step:
+        current_only = any(r["step"] == step and r["alpha"] == CURRENT for r in self.history) and (
+            bool(self.alphas) and (self._last_grid or {}).get("step") != step
+        )
+        if self._last_eval_step != step or current_only:  # stale, or the grid was not due
             self._run_evaluation(step, (CURRENT, *self.alphas))
         if self.final_alpha is None:
             return
@@ -251,6 +272,11 @@ class WiSEFTCore:
     def collapse_detected(self) -> bool:
         """Whether the collapse early warning has fired in this run (it fires at most once)."""
         return self._watch.fired
+
+    @property
+    def collapse_step(self) -> int | None:
+        """The step at which the collapse early warning fired (None: it has not)."""
+        return self._watch.fired_step
 
     @property
     def _is_global_zero(self) -> bool:
@@ -345,16 +371,23 @@ class WiSEFTCore:
         """An evaluation's records into `history` and history.jsonl, its scalars (and the
         collapse flag) to the loggers. The one place that turns results into outputs."""
         assert result.step is not None
+        again = any(r["step"] == result.step for r in self.history)  # adding the grid at the end
+        self.history = [r for r in self.history if r["step"] != result.step]
         records = result.records()
         values = per_problem_values(result.results, self.select_metric, self.config.max_k)
         add_gains(records, values)
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
-        baseline = result.step == 0  # before any training: not part of the collapse watch
+        baseline = result.step == 0 or again  # step 0, or a step the watch has already seen
         if not baseline:
             current.update(self._watch.compare(values[current["alpha"]]["passk"]))
         if CURRENT in values and len(values) > 1:
             self._last_grid = {"step": result.step, "values": grid_state(values)}
         self.history.extend(records)
+        self.spent["evaluations"] += 1
+        self.spent["generated_tokens"] += sum(
+            r["mean_completion_tokens"] * r["num_samples"] for r in records
+        )
+        self.spent["sample_s"] += result.timings["sample_s"]
         metrics = logged_scalars(records, result.timings, self.select_metric)
         late = check_timeouts(
             sum(r["timed_out"] for r in records), sum(r["num_samples"] for r in records)
@@ -445,6 +478,7 @@ class WiSEFTCore:
             "sample_table": [dict(r) for r in self.sample_table],
             "last_grid": self._last_grid,
             "early": self._early.state_dict(),
+            "spent": dict(self.spent),
             **self._files.state_dict(),
         }
 
@@ -454,6 +488,7 @@ class WiSEFTCore:
         self._last_eval_step = state_dict["last_eval_step"]
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
         self._last_grid = state_dict.get("last_grid")
+        self.spent = dict(state_dict.get("spent", self.spent))
         if "early" in state_dict:
             self._early.load_state_dict(state_dict["early"])
         self._files.load_state_dict(state_dict)

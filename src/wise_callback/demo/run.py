@@ -74,8 +74,10 @@ def run_demo(
     sampler: str = "hf",
     progress: bool = True,
     settings: DemoSettings | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo into `out_dir` and return its summary (also written to summary.json)."""
+    """Run the demo into `out_dir` and return its summary (also written to summary.json).
+    `evaluation`: the callback's `EvalOptions` fields (e.g. a sparser grid schedule)."""
     settings = settings or (QUICK if quick else FULL)
     if sampler not in ("hf", "vllm"):
         raise ValueError(f"sampler must be 'hf' or 'vllm', got {sampler!r}")
@@ -102,6 +104,7 @@ def run_demo(
         temperature=settings.temperature,
         sampling=SamplingOptions(stop=["\n"], seed=seed),
         sample_logging=SampleLogging(progress=progress),
+        evaluation=evaluation,
     )
     trainer = L.Trainer(
         max_steps=settings.sft_steps,
@@ -128,6 +131,8 @@ def run_demo(
         "settings": dataclasses.asdict(settings),
         "chosen_alpha": callback.chosen_alpha,
         "collapse_warning": callback.collapse_detected,
+        "collapse_warning_step": callback.collapse_step,
+        "spent": dict(callback.spent),
         "wall_time_s": round(elapsed, 1),
         "rows": table_rows(history),
         **_headline(history, callback.chosen_alpha),
