@@ -35,6 +35,21 @@ class CollapseWatch:
     streak: int = 0
     fired: bool = False
     fired_step: int | None = None
+    early_pass1: list[float] = field(default_factory=list)  # per problem, the early checkpoint
+    last_pass1: list[float] = field(default_factory=list)  # per problem, the latest evaluation
+    risk_fired: bool = False
+
+    def risk(self, pass1: np.ndarray) -> float | None:
+        """`collapse_risk`: the paired z of the rise in the share of problems solved by every
+        sample (rho = 1) since the early checkpoint. Measured on the demo it rises before the
+        Pass@k drop on every seed, but from the first evaluations after the snapshot on: it says
+        "SFT is sharpening the answers", which precedes collapse, not that collapse is near."""
+        if not self.early_pass1:
+            return None
+        common = min(len(pass1), len(self.early_pass1))
+        now = (pass1[:common] == 1.0).astype(float)
+        early = (np.asarray(self.early_pass1[:common]) == 1.0).astype(float)
+        return z_score(*paired_difference(now, early))
 
     def compare(self, values: np.ndarray) -> dict[str, float | None]:
         """The paired drop of this evaluation from the best so far (problems a time budget left

@@ -248,6 +248,7 @@ class WiSEFTCore(RunReporting):
         evaluated = record.get("step") == step and record.get("alpha") == CURRENT
         if evaluated and self._early.improves(float(record[self.select_metric])):
             self._take_snapshot(step)
+            self._watch.early_pass1 = list(self._watch.last_pass1)
 
     def _close_peak_search(self, step: int) -> None:
         """ "peak": fix the early checkpoint at the cut-off (the weights now if no evaluation
@@ -334,8 +335,14 @@ class WiSEFTCore(RunReporting):
         add_gains(records, values)
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
         baseline = result.step == 0 or again  # step 0, or a step the watch has already seen
+        pass1 = values[current["alpha"]]["pass1"]
         if not baseline:
             current.update(self._watch.compare(values[current["alpha"]]["passk"]))
+            if current["alpha"] == CURRENT:
+                current["collapse_risk"] = self._watch.risk(pass1)
+        if current["alpha"] == EARLY:
+            self._watch.early_pass1 = [float(v) for v in pass1]
+        self._watch.last_pass1 = [float(v) for v in pass1]
         if CURRENT in values and len(values) > 1:
             self._grids[result.step] = grid_state(values)
         self.history.extend(records)
@@ -352,9 +359,23 @@ class WiSEFTCore(RunReporting):
             self._warn(f"step {result.step}: {late}")
         collapsed = not baseline and self._watch_collapse(current, values[current["alpha"]])
         metrics["wiseft/collapse"] = float(collapsed)
+        self._warn_of_risk(current)
         self._emit_metrics(metrics, result.step)
         self._publish_samples(result)
         self._write_files()
+
+    def _warn_of_risk(self, record: dict[str, Any]) -> None:
+        """With collapse.risk_warning: warn once when collapse_risk reaches the z threshold."""
+        risk = record.get("collapse_risk")
+        if not self.collapse.risk_warning or self._watch.risk_fired or risk is None:
+            return
+        if risk >= self.collapse.z_threshold:
+            self._watch.risk_fired = True
+            self._warn(
+                f"collapse likely: at step {record['step']} the share of problems every sample "
+                f"solves (rho = 1) is {record['frac_rho1']:.3f}, up from the early checkpoint by "
+                f"{risk:.1f} paired standard errors"
+            )
 
     def _watch_collapse(self, record: dict[str, Any], values: dict[str, np.ndarray]) -> bool:
         """Feed the collapse watch; act the one time it fires."""

@@ -117,6 +117,10 @@ class CollapseOptions:
             problems (drop / its paired standard error) must reach it.
         patience: how many collapsing evaluations in a row (Pass@1 not below its value at the
             Pass@k peak) raise the warning.
+        risk_warning: also warn (once) when `collapse_risk` - the paired z of the rise in the
+            share of problems at rho = 1 since the early checkpoint - reaches z_threshold. Off
+            by default: on the demo it leads the Pass@k drop on every seed but rises from the
+            first evaluations on (it measures sharpening, not imminent collapse).
         on_collapse: "warn", "stop" (warn and stop training), or a callable the adapter calls
             with its own arguments (Lightning: `(trainer, pl_module, info)`; HF: `(args, state,
             control, info)`).
@@ -126,8 +130,10 @@ class CollapseOptions:
     z_threshold: float = 2.0
     patience: int = 1
     on_collapse: str | Callable[..., Any] = "warn"
+    risk_warning: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("collapse.risk_warning", self.risk_warning)
         check_float("collapse.min_drop", self.min_drop, minimum=0.0, maximum=1.0)
         check_float("collapse.z_threshold", self.z_threshold, minimum=0.0)
         check_int("collapse.patience", self.patience, minimum=1)
