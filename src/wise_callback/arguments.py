@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wise_callback.checks import check_float, check_int, check_sequence
+from wise_callback.early import PEAK
 from wise_callback.evaluate import CURRENT, EvalConfig, check_alphas
 from wise_callback.generations import pick_examples
 from wise_callback.grading import AUTO, GRADERS, check_grader, graders_for
@@ -144,9 +145,15 @@ def _check_final_alpha(final_alpha: Any) -> float | str | None:
     return check_alpha(final_alpha)
 
 
-def _check_snapshot_at(snapshot_at: Any) -> int | float:
+def _check_snapshot_at(snapshot_at: Any) -> int | float | str:
+    if snapshot_at == PEAK:
+        return snapshot_at
+    if isinstance(snapshot_at, str):
+        raise ValueError(f"snapshot_at must be a step, a fraction or {PEAK!r}, got {snapshot_at!r}")
     if isinstance(snapshot_at, bool) or not isinstance(snapshot_at, (int, float)):
-        raise TypeError(f"snapshot_at must be a step (int) or a fraction (float): {snapshot_at!r}")
+        raise TypeError(
+            f"snapshot_at must be a step (int), a fraction (float) or {PEAK!r}: {snapshot_at!r}"
+        )
     if isinstance(snapshot_at, float):
         if not 0.0 < snapshot_at < 1.0:
             raise ValueError(

@@ -4,7 +4,7 @@ cross-fitted (held-out) estimates."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -106,3 +106,47 @@ def _described(who: str, row: Mapping[str, np.ndarray]) -> dict[str, float | Non
     for name, label in (("pass1", "pass@1"), ("passk", "pass@k")):
         out[f"{who}/{label}"], out[f"{who}/{label}_se"] = mean_and_se(row[name])
     return out
+
+
+KEEP_PASS1_Z = 2.0
+"""keep_pass1 drops an alpha whose Pass@1 is below the current weights' by this many paired
+standard errors."""
+
+
+def choose_final(
+    final_alpha: float | str | None,
+    grid: dict[str, Any] | None,
+    history: list[dict[str, Any]],
+    select_metric: str,
+    keep_pass1: bool,
+    seed: int,
+) -> tuple[float | None, dict[str, Any] | None]:
+    """The fixed final_alpha, or the best alpha of the latest evaluation of the grid (`grid`:
+    its step and `grid_state` values; ties toward the larger alpha; with keep_pass1, among the
+    alphas that keep Pass@1), and the report on it (in-sample and cross-fitted held-out numbers).
+    None when there is nothing to choose from."""
+    values = {} if grid is None else _arrays(grid["values"])
+    if isinstance(final_alpha, float):
+        return final_alpha, fixed_choice(values, final_alpha)
+    if grid is None:
+        return None, None
+    if any("score" not in row for row in values.values()):  # not a mean over problems
+        candidates = [r for r in history if r["step"] == grid["step"]]
+        alpha = float(best_record(candidates, select_metric)["alpha"])
+        return alpha, fixed_choice(values, alpha)
+    alpha, report = final_choice(values, keep_pass1, KEEP_PASS1_Z, seed)
+    return alpha, {**report, "step": grid["step"]}
+
+
+def grid_state(values: PerProblem) -> dict[float, dict[str, list[float]]]:
+    """Per-problem arrays as plain lists (checkpoint state: floats round-trip exactly)."""
+    return {a: {k: [float(x) for x in v] for k, v in row.items()} for a, row in values.items()}
+
+
+def _arrays(values: dict[float, dict[str, list[float]]]) -> PerProblem:
+    return {a: {k: np.asarray(v) for k, v in row.items()} for a, row in values.items()}
+
+
+def best_record(records: Iterable[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
+    """The record with the highest `metric`, ties toward the larger alpha."""
+    return max(records, key=lambda r: (r[metric], r["alpha"]))

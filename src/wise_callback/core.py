@@ -19,9 +19,8 @@ The adapter gives back what is its own by overriding `_emit_metrics`, `_emit_sam
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,12 @@ import torch
 from wise_callback.arguments import resolve_tokenizer, settle_arguments
 from wise_callback.collapse import CollapseWatch
 from wise_callback.comparisons import (
-    PerProblem,
     add_gains,
-    final_choice,
-    fixed_choice,
+    choose_final,
+    grid_state,
     per_problem_values,
 )
+from wise_callback.early import EarlySchedule
 from wise_callback.evaluate import CURRENT, Evaluation, evaluate
 from wise_callback.generations import format_samples, sample_rows, write_generations, write_jsonl
 from wise_callback.grading import Grader, check_timeouts, exact_match
@@ -48,7 +47,7 @@ from wise_callback.options import (
     SamplingOptions,
     SnapshotOptions,
 )
-from wise_callback.outputs import save_merged, write_history
+from wise_callback.outputs import logged_scalars, save_merged, write_history
 from wise_callback.problems import format_prompts
 from wise_callback.sampling import Sampler
 from wise_callback.sampling.factory import make_sampler
@@ -58,10 +57,6 @@ from wise_callback.weights import Snapshot, interpolate_
 
 EARLY = 0.0
 """The snapshot's own evaluation is recorded as alpha = 0 (all weight on the early checkpoint)."""
-
-KEEP_PASS1_Z = 2.0
-"""keep_pass1 drops an alpha whose Pass@1 is below the current weights' by this many paired
-standard errors."""
 
 log = logging.getLogger("wise_callback")
 
@@ -93,7 +88,7 @@ class WiSEFTCore:
         problems: Any,
         tokenizer: Any = None,
         grader: Grader | str = exact_match,
-        snapshot_at: int | float = 0.1,
+        snapshot_at: int | float | str = 0.1,
         eval_every_n_steps: int | None = 100,
         num_samples: int = 16,
         ks: Sequence[int] | None = None,
@@ -129,7 +124,7 @@ class WiSEFTCore:
         self.final_report: dict[str, Any] | None = None
         self._last_grid: dict[str, Any] | None = None  # per-problem values of the latest grid
         self._last_eval_step: int | None = None
-        self._snapshot_step: int | None = None
+        self._early = EarlySchedule(self.snapshot_at, self.snapshotting.peak_until)
         self._eval_problems = self.problems
         self._context: RunContext | None = None
         self._sampler: Sampler | None = None
@@ -156,7 +151,7 @@ class WiSEFTCore:
         self._sampler = make_sampler(
             self.sampler, context.model, self.tokenizer, self.sampling.sampler_kwargs
         )
-        self._snapshot_step = self._resolve_snapshot_step(context.planned_steps)
+        self._early.resolve(context.planned_steps, self._files.name is not None)
         if self._files.name is not None and self.snapshot is None:
             self.snapshot = self._files.load(context, self.snapshotting.device)
         self._write_files()
@@ -167,25 +162,36 @@ class WiSEFTCore:
         """After an optimizer step: snapshot, or evaluate when due (once per step)."""
         if step == self._last_eval_step:
             return
-        assert self._snapshot_step is not None, "begin() was not called"
-        if self.snapshot is None and step >= self._snapshot_step:
+        if self._early.fixed_snapshot_due(step, self.snapshot is not None):
             self._take_snapshot(step)
             self._run_evaluation(step, (EARLY,))
         elif self.eval_every_n_steps is not None and step % self.eval_every_n_steps == 0:
             self.evaluate_grid(step)
+        if self._early.peak and self._early.open and step >= (self._early.step or 0):
+            self._close_peak_search(step)
 
     def evaluate_grid(self, step: int) -> None:
         """Evaluate the current weights and the alpha grid now (also what an adapter calls when
-        it follows its trainer's own evaluation schedule)."""
-        if self.snapshot is not None and step not in (self.snapshot.step, self._last_eval_step):
+        it follows its trainer's own evaluation schedule); while a "peak" search is open, the
+        current weights only, keeping a new best as the snapshot."""
+        if self._early.searching(step):
+            if step != self._last_eval_step:
+                self._search_peak(step)
+        elif (
+            self.snapshot is not None
+            and not (self._early.peak and self._early.open)
+            and step not in (self.snapshot.step, self._last_eval_step)
+        ):
             self._run_evaluation(step, (CURRENT, *self.alphas))
 
     def training_ended(self, step: int) -> None:
         """Evaluate the final weights if stale, choose the alpha, merge on every rank, save."""
+        if self._early.peak and self._early.open:
+            self._close_peak_search(step)
         if self.snapshot is None:
             self._warn(
                 f"training ended at step {step}, before the snapshot step "
-                f"{self._snapshot_step}; nothing to evaluate or merge"
+                f"{self._early.step}; nothing to evaluate or merge"
             )
             return
         if self._last_eval_step != step:
@@ -255,43 +261,38 @@ class WiSEFTCore:
             raise RuntimeError(f"{type(self).__name__}: begin() was not called")
         return self._context
 
-    def _resolve_snapshot_step(self, planned: float) -> int:
-        if isinstance(self.snapshot_at, float):
-            if not math.isfinite(planned):
-                raise ValueError(
-                    f"snapshot_at={self.snapshot_at} is a fraction of the planned steps, but the "
-                    "number of steps is unknown: set max_steps or give snapshot_at as a step"
-                )
-            step = max(1, round(self.snapshot_at * planned))
-        else:
-            step = self.snapshot_at
-        if self.snapshot is None and self._files.name is None and step > planned:
-            raise ValueError(
-                f"snapshot_at={self.snapshot_at} (step {step}) is after the last planned step "
-                f"{planned}: the snapshot would never be taken"
-            )
-        return step
+    def _search_peak(self, step: int) -> None:
+        """ "peak": evaluate the current weights; a new best select_metric becomes the
+        snapshot."""
+        self._run_evaluation(step, (CURRENT,))
+        record = self.history[-1] if self.history else {}
+        evaluated = record.get("step") == step and record.get("alpha") == CURRENT
+        if evaluated and self._early.improves(float(record[self.select_metric])):
+            self._take_snapshot(step)
+
+    def _close_peak_search(self, step: int) -> None:
+        """ "peak": fix the early checkpoint at the cut-off (the weights now if no evaluation
+        ran before it)."""
+        self._early.open = False
+        if self.snapshot is None:
+            self._take_snapshot(step)
+            self._run_evaluation(step, (EARLY,))
+        assert self.snapshot is not None
+        self._info(
+            f"early checkpoint fixed at step {step}: the weights of step {self.snapshot.step} "
+            f"({self.select_metric} {self._early.best})"
+        )
 
     def _choose_alpha(self) -> float | None:
-        """The fixed final_alpha, or the best alpha of the latest evaluation of the grid (ties
-        toward the larger alpha; with keep_pass1, among those that keep Pass@1); sets
-        `final_report` (in-sample and cross-fitted held-out numbers of the choice)."""
-        grid = self._last_grid
-        values = {} if grid is None else _arrays(grid["values"])
-        if isinstance(self.final_alpha, float):
-            self.final_report = fixed_choice(values, self.final_alpha)
-            return self.final_alpha
-        if grid is None:
-            return None
-        if any("score" not in row for row in values.values()):  # not a mean over problems
-            candidates = [r for r in self.history if r["step"] == grid["step"]]
-            alpha = float(best_record(candidates, self.select_metric)["alpha"])
-            self.final_report = fixed_choice(values, alpha)
-            return alpha
-        alpha, self.final_report = final_choice(
-            values, self.evaluation.keep_pass1, KEEP_PASS1_Z, self.sampling.seed
+        """The alpha to merge with (None: nothing to choose from); sets `final_report`."""
+        alpha, self.final_report = choose_final(
+            self.final_alpha,
+            self._last_grid,
+            self.history,
+            self.select_metric,
+            self.evaluation.keep_pass1,
+            self.sampling.seed,
         )
-        self.final_report["step"] = grid["step"]
         return alpha
 
     def _take_snapshot(self, step: int) -> None:
@@ -352,20 +353,12 @@ class WiSEFTCore:
         if not baseline:
             current.update(self._watch.compare(values[current["alpha"]]["passk"]))
         if CURRENT in values and len(values) > 1:
-            self._last_grid = {"step": result.step, "values": _lists(values)}
+            self._last_grid = {"step": result.step, "values": grid_state(values)}
         self.history.extend(records)
-        metrics = {
-            f"wiseft/alpha_{r['alpha']:.2f}/{name}": float(value)
-            for r in records
-            for name, value in r.items()
-            if name not in ("step", "alpha") and isinstance(value, (int, float))
-        }
-        # where the evaluation's time went (logged only: history stays reproducible)
-        metrics.update({f"wiseft/time/{k}": v for k, v in result.timings.items()})
-        best = best_record(records, self.select_metric)
-        metrics[f"wiseft/best/{self.select_metric}"] = float(best[self.select_metric])
-        metrics["wiseft/best_alpha"] = float(best["alpha"])
-        late = check_timeouts(sum(r["timed_out"] for r in records), _samples(records))
+        metrics = logged_scalars(records, result.timings, self.select_metric)
+        late = check_timeouts(
+            sum(r["timed_out"] for r in records), sum(r["num_samples"] for r in records)
+        )
         if late is not None:
             self._warn(f"step {result.step}: {late}")
         collapsed = not baseline and self._watch_collapse(current, values[current["alpha"]])
@@ -451,6 +444,7 @@ class WiSEFTCore:
             "last_eval_step": self._last_eval_step,
             "sample_table": [dict(r) for r in self.sample_table],
             "last_grid": self._last_grid,
+            "early": self._early.state_dict(),
             **self._files.state_dict(),
         }
 
@@ -460,23 +454,7 @@ class WiSEFTCore:
         self._last_eval_step = state_dict["last_eval_step"]
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
         self._last_grid = state_dict.get("last_grid")
+        if "early" in state_dict:
+            self._early.load_state_dict(state_dict["early"])
         self._files.load_state_dict(state_dict)
         self.snapshot = None  # reloaded from its file in begin()
-
-
-def _samples(records: list[dict[str, Any]]) -> int:
-    return sum(r["num_samples"] for r in records)
-
-
-def _lists(values: PerProblem) -> dict[float, dict[str, list[float]]]:
-    """Per-problem arrays as plain lists (checkpoint state: floats round-trip exactly)."""
-    return {a: {k: [float(x) for x in v] for k, v in row.items()} for a, row in values.items()}
-
-
-def _arrays(values: dict[float, dict[str, list[float]]]) -> PerProblem:
-    return {a: {k: np.asarray(v) for k, v in row.items()} for a, row in values.items()}
-
-
-def best_record(records: Iterable[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
-    """The record with the highest `metric`, ties toward the larger alpha."""
-    return max(records, key=lambda r: (r[metric], r["alpha"]))

@@ -70,13 +70,20 @@ class SnapshotOptions:
         device: where the snapshot lives between evaluations (CPU by default: no GPU memory).
         dtype: its dtype, or its name ("bfloat16" halves the snapshot of an fp32 model).
         dir: where the snapshot file goes; default the trainer's checkpoint folder.
+        peak_until: with snapshot_at="peak", the fraction of the planned steps up to which
+            the best evaluation of the current weights replaces the snapshot; after it the
+            snapshot is fixed and the alpha grid runs against it.
     """
 
     device: str = "cpu"
     dtype: str | None = None
     dir: str | os.PathLike[str] | None = None
+    peak_until: float = 0.5
 
     def __post_init__(self) -> None:
+        check_float("snapshotting.peak_until", self.peak_until, minimum=0.0, maximum=1.0)
+        if self.peak_until == 0.0:
+            raise ValueError("snapshotting.peak_until must be > 0")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError) as err:

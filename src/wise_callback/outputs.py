@@ -1,4 +1,4 @@
-"""What a run leaves on disk: history.jsonl, and the merged model in `save_merged_to`.
+"""What a run leaves: the logged scalars, history.jsonl, and the merged model in `save_merged_to`.
 
 Never deletes what we did not write: `check_merge_target` refuses, before training, a target
 that is a file or a non-empty folder that is not an earlier output of ours (marked by
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from wise_callback.comparisons import best_record
 from wise_callback.files import replace_folder, write_text_atomically
 
 MERGE_INFO = "wiseft_merge.json"
@@ -28,6 +29,25 @@ def write_history(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     records of the resumed state, never those of a killed run's lost steps."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, "".join(json.dumps(dict(r)) + "\n" for r in records))
+
+
+def logged_scalars(
+    records: list[dict[str, Any]], timings: Mapping[str, float], select_metric: str
+) -> dict[str, float]:
+    """An evaluation's scalars by their logged names: `wiseft/alpha_{a:.2f}/{metric}`, where
+    its time went (`wiseft/time/...`, logged only: history stays reproducible), and the best
+    alpha of the evaluation (`wiseft/best/{select_metric}`, `wiseft/best_alpha`)."""
+    metrics = {
+        f"wiseft/alpha_{r['alpha']:.2f}/{name}": float(value)
+        for r in records
+        for name, value in r.items()
+        if name not in ("step", "alpha") and isinstance(value, (int, float))
+    }
+    metrics.update({f"wiseft/time/{k}": v for k, v in timings.items()})
+    best = best_record(records, select_metric)
+    metrics[f"wiseft/best/{select_metric}"] = float(best[select_metric])
+    metrics["wiseft/best_alpha"] = float(best["alpha"])
+    return metrics
 
 
 def check_merge_target(target: Path) -> None:
