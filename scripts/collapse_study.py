@@ -312,12 +312,73 @@ def study(
     }
 
 
+def _pm(report: dict, key: str) -> str:
+    return f"{report[key]:.3f} ± {report[key + '_se']:.3f}"
+
+
+def tables(studies: list[dict]) -> str:
+    """The README's three tables (markdown) from the JSON of several seeds."""
+    lines = [
+        "| seed | early checkpoint | alpha (halves) | held-out Pass@k | held-out Pass@1 "
+        "| held-out gain Pass@k | held-out gain Pass@1 | final weights Pass@k | Pass@1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in studies:
+        for kind in ("fixed", "peak"):
+            r = s["final"][kind]["keep_pass1=False"]
+            lines.append(
+                f"| {s['seed']} | {kind} (step {s['final'][kind]['early_step']}) | {r['alpha']} "
+                f"({', '.join(map(str, r['heldout_alphas_by_half']))}) "
+                f"| {_pm(r, 'heldout/chosen/pass@k')} | {_pm(r, 'heldout/chosen/pass@1')} "
+                f"| {_pm(r, 'heldout/gain/pass@k')} | {_pm(r, 'heldout/gain/pass@1')} "
+                f"| {_pm(r, 'current/pass@k')} | {_pm(r, 'current/pass@1')} |"
+            )
+    lines += [
+        "",
+        "| seed | early checkpoint | keep_pass1 | alpha (halves) | held-out Pass@k "
+        "| held-out Pass@1 | held-out gain Pass@k | held-out gain Pass@1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in studies:
+        for kind in ("fixed", "peak"):
+            for keep in (False, True):
+                r = s["final"][kind][f"keep_pass1={keep}"]
+                lines.append(
+                    f"| {s['seed']} | {kind} | {keep} | {r['alpha']} "
+                    f"({', '.join(map(str, r['heldout_alphas_by_half']))}) "
+                    f"| {_pm(r, 'heldout/chosen/pass@k')} | {_pm(r, 'heldout/chosen/pass@1')} "
+                    f"| {_pm(r, 'heldout/gain/pass@k')} | {_pm(r, 'heldout/gain/pass@1')} |"
+                )
+    names = list(INDICATORS)
+    lines += [
+        "",
+        "| seed | paired rule, every 100 | paired rule, demo schedule | old rule, demo schedule | "
+        + " | ".join(f"{n}: first (lead)" for n in names)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(names),
+    ]
+    for s in studies:
+        c, ind = s["collapse"], s["indicators"]
+        cells = [f"{ind[n]['first_step']} ({ind[n]['lead_steps']})" for n in names]
+        lines.append(
+            f"| {s['seed']} | {c['paired_dense']['step']} | {c['paired_demo_schedule']['step']} "
+            f"| {c['old_demo_schedule']['step']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="a short run to check the pipeline")
+    parser.add_argument("--tables", type=Path, nargs="+", help="print the README tables of these")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(tables([json.loads(path.read_text()) for path in args.tables]))
+        return
+    if args.seed is None or args.out is None:
+        parser.error("--seed and --out are needed (or --tables)")
     settings, every, fixed = FULL, 100, FULL.snapshot_at
     if args.quick:
         settings = dataclasses.replace(FULL, sft_steps=400, num_heldout=32, num_samples=8)
