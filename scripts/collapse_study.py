@@ -316,6 +316,24 @@ def _pm(report: dict, key: str) -> str:
     return f"{report[key]:.3f} ± {report[key + '_se']:.3f}"
 
 
+def fire_step(rows: list[dict], patience: int) -> int | None:
+    """The step at which the paired rule (drop >= MIN_DROP, z >= Z, Pass@1 not below its value
+    at the best) fires after `patience` collapsing evaluations in a row, from a study's rows."""
+    pass1 = {r["step"]: r["pass@1"] for r in rows}
+    streak = 0
+    for r in rows:
+        collapsing = (
+            r.get("drop_z") is not None
+            and r["drop"] >= MIN_DROP
+            and r["drop_z"] >= Z
+            and r["pass@1"] >= pass1[r["best_step"]]
+        )
+        streak = streak + 1 if collapsing else 0
+        if streak >= patience:
+            return r["step"]
+    return None
+
+
 def tables(studies: list[dict]) -> str:
     """The README's three tables (markdown) from the JSON of several seeds."""
     lines = [
@@ -352,16 +370,16 @@ def tables(studies: list[dict]) -> str:
     names = list(INDICATORS)
     lines += [
         "",
-        "| seed | paired rule, every 100 | paired rule, demo schedule | old rule, demo schedule | "
-        + " | ".join(f"{n}: first (lead)" for n in names)
-        + " |",
-        "|---|---|---|---|" + "---|" * len(names),
+        "| seed | paired rule, every 100 | same, 2 in a row | paired rule, demo schedule "
+        "| old rule, demo schedule | " + " | ".join(f"{n}: first (lead)" for n in names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
     ]
     for s in studies:
         c, ind = s["collapse"], s["indicators"]
         cells = [f"{ind[n]['first_step']} ({ind[n]['lead_steps']})" for n in names]
         lines.append(
-            f"| {s['seed']} | {c['paired_dense']['step']} | {c['paired_demo_schedule']['step']} "
+            f"| {s['seed']} | {c['paired_dense']['step']} | {fire_step(s['evaluations'], 2)} "
+            f"| {c['paired_demo_schedule']['step']} "
             f"| {c['old_demo_schedule']['step']} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)

@@ -21,6 +21,7 @@ Z = 2.0  # standard errors
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 5 minutes on a quiet machine, 15+ on a loaded one
 def test_full_demo_collapses_and_the_chosen_alpha_recovers_heldout(tmp_path):
     summary = run_demo(tmp_path, seed=SEED, progress=False)
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
