@@ -8,7 +8,8 @@ The script trains with `WiSEFTCallback` (one batch per epoch), checkpoints every
 and writes into DIR: `merged/` (the callback's save_pretrained of the merged model),
 `history.json` (the callback's history, rank 0), `final_rank{r}.safetensors` (each rank's weights
 after the merge, full tensors), `premerge.safetensors` (rank 0's weights just before the merge)
-and `snapshot_rank{r}.safetensors` (each rank's snapshot, local shards under FSDP2).
+and `snapshot_rank{r}.safetensors` (each rank's snapshot, local shards under FSDP2). With
+`--lora` the model is a PEFT LoRA model (`merged/` then holds the interpolated adapter).
 """
 
 from __future__ import annotations
@@ -69,14 +70,24 @@ class ToyModule(pl.LightningModule):
     """Causal-LM SFT of a tiny Llama at `pl_module.model` (where the callback looks by default)."""
 
     def __init__(
-        self, lr: float = 3e-3, seed: int = 0, fsdp2: bool = False, batch_size: int | None = 8
+        self,
+        lr: float = 3e-3,
+        seed: int = 0,
+        fsdp2: bool = False,
+        batch_size: int | None = 8,
+        lora: bool = False,
     ) -> None:
         super().__init__()
         self.lr = lr
         self.batch_size = batch_size
         self.fsdp2 = fsdp2
         self.tokenizer = char_tokenizer()
-        self.model = tiny_llama(len(self.tokenizer), seed=seed, tokenizer=self.tokenizer)
+        if lora:  # a PEFT LoRA adapter on attention and MLP, lm_head fully trained
+            from lora_helpers import lora_model
+
+            self.model = lora_model(self.tokenizer)
+        else:
+            self.model = tiny_llama(len(self.tokenizer), seed=seed, tokenizer=self.tokenizer)
 
     def configure_model(self) -> None:
         if not self.fsdp2:
@@ -84,7 +95,9 @@ class ToyModule(pl.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.model.layers:
+        get_base_model = getattr(self.model, "get_base_model", None)  # a PeftModel
+        causal_lm = get_base_model() if callable(get_base_model) else self.model
+        for layer in causal_lm.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
@@ -148,12 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=16)
     parser.add_argument("--resume", action="store_true", help="fit from DIR/ckpt/last.ckpt")
     parser.add_argument("--problems", type=int, default=6)
+    parser.add_argument("--lora", action="store_true", help="train a PEFT LoRA adapter")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     # one batch per epoch: a resumed run meets the same batches whatever Lightning does with a
     # partly consumed epoch, so what is tested is the callback's own resume
-    module = ToyModule(fsdp2=args.strategy == "fsdp2", batch_size=None)
+    module = ToyModule(fsdp2=args.strategy == "fsdp2", batch_size=None, lora=args.lora)
     callback = toy_callback(args.problems, save_merged_to=args.out / "merged")
     if args.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy

@@ -25,3 +25,22 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list
             torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, top_k=None
         )
     return out[0, len(ids) :].tolist()
+
+
+def kill_when_printed(command: list[str], marker: str, timeout: float = 300) -> int:
+    """Start `command` in its own session, SIGKILL the whole session (every rank, like a lost
+    node) as soon as it prints a line holding `marker`; its return code."""
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:
+        if marker in line:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    return process.wait(timeout=timeout)

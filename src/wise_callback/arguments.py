@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from wise_callback.checks import check_float, check_int, check_sequence
 from wise_callback.early import PEAK
@@ -121,6 +123,25 @@ def resolve_tokenizer(tokenizer: Any, fallback: Any, where: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     _check_tokenizer(tokenizer)
     return tokenizer
+
+
+def resolve_model(
+    root: Any, attr: str | Callable[[Any], Any] | None, root_name: str
+) -> torch.nn.Module:
+    """The model an adapter works on (model_attr): `root` itself (None), an attribute path of it
+    ("backbone.lm"), or what a callable returns for it; checked to be a torch module."""
+    if callable(attr):
+        model, where = attr(root), f"model_attr callable {attr!r}"
+    else:
+        model, where = root, root_name
+        for part in attr.split(".") if attr else ():
+            model, where = getattr(model, part, None), f"{where}.{part}"
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"{where} is {type(model).__name__}, not a torch module; point model_attr= at the "
+            "Hugging Face model"
+        )
+    return model
 
 
 def _is_tokenizer(value: Any) -> bool:

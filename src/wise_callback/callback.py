@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from wise_callback.arguments import resolve_model
 from wise_callback.core import RunContext, WiSEFTCore
 from wise_callback.generations import log_sample_table
 
@@ -125,22 +126,9 @@ class WiSEFTCallback(WiSEFTCore, Callback):
     # ------------------------------------------------------------------ Lightning's side
 
     def _resolve_model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        model: Any
+        """The Hugging Face model inside the LightningModule (model_attr, default "model")."""
         attr = self.model_attr if self.model_attr is not None else "model"
-        if callable(attr):
-            model = attr(pl_module)
-            where = f"model_attr callable {attr!r}"
-        else:
-            model = pl_module
-            for part in attr.split("."):
-                model = getattr(model, part, None)
-            where = f"pl_module.{attr}"
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError(
-                f"{where} is {type(model).__name__}, not a torch module; point model_attr= at the "
-                "Hugging Face model inside your LightningModule"
-            )
-        return model
+        return resolve_model(pl_module, attr, "pl_module")
 
     @override
     def _emit_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -260,7 +260,8 @@ COMMANDS: dict[str, Command] = {
         _plot,
     ),
     "merge": Command(
-        "merge two Hugging Face checkpoint folders into theta(alpha), streamed tensor by tensor",
+        "merge two Hugging Face checkpoint folders into theta(alpha), streamed tensor by tensor "
+        "(two PEFT LoRA adapter folders: the exact interpolated adapter, rank 2r)",
         _merge_arguments,
         _merge,
     ),

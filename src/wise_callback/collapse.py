@@ -34,6 +34,22 @@ class CollapseWatch:
     best_values: list[float] = field(default_factory=list)  # per problem, at the best
     streak: int = 0
     fired: bool = False
+    fired_step: int | None = None
+    early_pass1: list[float] = field(default_factory=list)  # per problem, the early checkpoint
+    last_pass1: list[float] = field(default_factory=list)  # per problem, the latest evaluation
+    risk_fired: bool = False
+
+    def risk(self, pass1: np.ndarray) -> float | None:
+        """`collapse_risk`: the paired z of the rise in the share of problems solved by every
+        sample (rho = 1) since the early checkpoint. Measured on the demo it rises before the
+        Pass@k drop on every seed, but from the first evaluations after the snapshot on: it says
+        "SFT is sharpening the answers", which precedes collapse, not that collapse is near."""
+        if not self.early_pass1:
+            return None
+        common = min(len(pass1), len(self.early_pass1))
+        now = (pass1[:common] == 1.0).astype(float)
+        early = (np.asarray(self.early_pass1[:common]) == 1.0).astype(float)
+        return z_score(*paired_difference(now, early))
 
     def compare(self, values: np.ndarray) -> dict[str, float | None]:
         """The paired drop of this evaluation from the best so far (problems a time budget left
@@ -62,7 +78,7 @@ class CollapseWatch:
             self.streak = 0
         if self.fired or self.streak < self.patience:
             return None
-        self.fired = True
+        self.fired, self.fired_step = True, record["step"]
         return {
             "step": record["step"],
             "metric": self.metric,

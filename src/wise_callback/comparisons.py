@@ -28,6 +28,7 @@ PAIRED_KEYS = (
     "collapse_drop",
     "collapse_drop_se",
     "collapse_z",
+    "collapse_risk",
 )
 """What the core adds to an evaluation's records: paired comparisons with other evaluations."""
 

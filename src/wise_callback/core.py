@@ -19,9 +19,7 @@ The adapter gives back what is its own by overriding `_emit_metrics`, `_emit_sam
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,6 @@ from wise_callback.comparisons import (
 )
 from wise_callback.early import EarlySchedule
 from wise_callback.evaluate import CURRENT, Evaluation, evaluate
-from wise_callback.generations import format_samples, sample_rows, write_generations, write_jsonl
 from wise_callback.grading import Grader, check_timeouts, exact_match
 from wise_callback.options import (
     CollapseOptions,
@@ -47,11 +44,12 @@ from wise_callback.options import (
     SamplingOptions,
     SnapshotOptions,
 )
-from wise_callback.outputs import logged_scalars, save_merged, write_history
+from wise_callback.outputs import logged_scalars
 from wise_callback.problems import format_prompts
+from wise_callback.reporting import RunContext, RunReporting
 from wise_callback.sampling import Sampler
 from wise_callback.sampling.factory import make_sampler
-from wise_callback.sharding import full_state_dict, is_sharded
+from wise_callback.sharding import is_sharded
 from wise_callback.snapshot_files import SnapshotFiles
 from wise_callback.weights import Snapshot, interpolate_
 
@@ -61,20 +59,7 @@ EARLY = 0.0
 log = logging.getLogger("wise_callback")
 
 
-@dataclass
-class RunContext:
-    """What the trainer tells the core when training starts."""
-
-    model: torch.nn.Module
-    planned_steps: float  # math.inf when unknown
-    log_dir: Path  # history.jsonl, samples.jsonl, generations/
-    snapshot_dir: Path  # where the snapshot file is written
-    rank: int = 0
-    world_size: int = 1
-    resume_dir: Path | None = None  # the folder of the checkpoint resumed from
-
-
-class WiSEFTCore:
+class WiSEFTCore(RunReporting):
     """Snapshot an early checkpoint, evaluate WiSE-FT interpolants, watch collapse, merge.
 
     The arguments are those of `WiSEFTCallback` (see its docstring; shared by both adapters,
@@ -122,7 +107,11 @@ class WiSEFTCore:
             self.collapse.z_threshold,
         )
         self.final_report: dict[str, Any] | None = None
-        self._last_grid: dict[str, Any] | None = None  # per-problem values of the latest grid
+        self.spent = {"evaluations": 0, "generated_tokens": 0.0, "sample_s": 0.0}
+        """What the evaluations cost so far (sampling wall time is this process's)."""
+        # per-problem values (grid_state) of every grid evaluation, by step: the merge may be of
+        # an earlier step's weights (transformers' load_best_model_at_end)
+        self._grids: dict[int, dict[float, dict[str, list[float]]]] = {}
         self._last_eval_step: int | None = None
         self._early = EarlySchedule(self.snapshot_at, self.snapshotting.peak_until)
         self._eval_problems = self.problems
@@ -182,10 +171,28 @@ class WiSEFTCore:
             and not (self._early.peak and self._early.open)
             and step not in (self.snapshot.step, self._last_eval_step)
         ):
-            self._run_evaluation(step, (CURRENT, *self.alphas))
+            self._run_evaluation(step, self._alphas_due(step))
+
+    def _alphas_due(self, step: int) -> tuple[float, ...]:
+        """The current weights, and the alpha grid when due: every `evaluation.grid_every`-th
+        evaluation, at the last planned step, and after an evaluation whose collapse_z reached
+        `evaluation.grid_when_z`. The decisions (collapse watch, final choice) only read the
+        current weights and the last step's grid, so a sparser grid does not change them."""
+        after = self._early.step or 0
+        count = 1 + sum(r["alpha"] == CURRENT and r["step"] > after for r in self.history)
+        last_z = next((r.get("collapse_z") for r in reversed(self.history)), None)
+        alert = self.evaluation.grid_when_z
+        due = (
+            count % self.evaluation.grid_every == 0
+            or step >= self._require_context().planned_steps
+            or (alert is not None and last_z is not None and last_z >= alert)
+        )
+        return (CURRENT, *self.alphas) if due else (CURRENT,)
 
     def training_ended(self, step: int) -> None:
-        """Evaluate the final weights if stale, choose the alpha, merge on every rank, save."""
+        """Evaluate the final weights if stale, choose the alpha, merge on every rank, save.
+        `step`: the step of the weights in the model: the last, or an earlier one the trainer
+        put back (load_best_model_at_end), whose own evaluation then chooses the alpha."""
         if self._early.peak and self._early.open:
             self._close_peak_search(step)
         if self.snapshot is None:
@@ -194,11 +201,15 @@ class WiSEFTCore:
                 f"{self._early.step}; nothing to evaluate or merge"
             )
             return
-        if self._last_eval_step != step:
+        current_only = bool(self.alphas) and any(
+            r["step"] == step and r["alpha"] == CURRENT for r in self.history
+        )
+        stale = self._last_eval_step != step or current_only  # or the grid was not due
+        if stale and step not in self._grids:
             self._run_evaluation(step, (CURRENT, *self.alphas))
         if self.final_alpha is None:
             return
-        alpha = self._choose_alpha()
+        alpha = self._choose_alpha(step)
         if alpha is None:
             self._warn("no evaluation to choose an alpha from; no merge")
             return
@@ -217,34 +228,6 @@ class WiSEFTCore:
         if self.save_merged_to is not None:
             self._save_merged(step)
 
-    # ------------------------------------------------------------------ what adapters override
-
-    def _emit_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Give scalars to the trainer's loggers (every rank calls it)."""
-
-    def _emit_samples(
-        self, table: list[dict[str, Any]], rows: list[dict[str, Any]], step: int
-    ) -> None:
-        """Give the sample table to the trainer's loggers (rank zero calls it)."""
-
-    def _stop_training(self) -> None:
-        """Ask the trainer to stop (on_collapse="stop")."""
-        raise NotImplementedError(f"{type(self).__name__} cannot stop its trainer")
-
-    def _call_on_collapse(self, callback: Callable[..., Any], info: dict[str, Any]) -> None:
-        """Call the user's on_collapse callable with the adapter's own arguments."""
-        callback(info)
-
-    def _info(self, message: str) -> None:
-        """A message for the console (rank zero)."""
-        if self._is_global_zero:
-            log.info(f"{type(self).__name__}: {message}")
-
-    def _warn(self, message: str) -> None:
-        """A warning (rank zero)."""
-        if self._is_global_zero:
-            warnings.warn(f"{type(self).__name__}: {message}", UserWarning, stacklevel=3)
-
     # ------------------------------------------------------------------ decisions
 
     @property
@@ -253,13 +236,9 @@ class WiSEFTCore:
         return self._watch.fired
 
     @property
-    def _is_global_zero(self) -> bool:
-        return self._context is None or self._context.rank == 0
-
-    def _require_context(self) -> RunContext:
-        if self._context is None:
-            raise RuntimeError(f"{type(self).__name__}: begin() was not called")
-        return self._context
+    def collapse_step(self) -> int | None:
+        """The step at which the collapse early warning fired (None: it has not)."""
+        return self._watch.fired_step
 
     def _search_peak(self, step: int) -> None:
         """ "peak": evaluate the current weights; a new best select_metric becomes the
@@ -269,6 +248,7 @@ class WiSEFTCore:
         evaluated = record.get("step") == step and record.get("alpha") == CURRENT
         if evaluated and self._early.improves(float(record[self.select_metric])):
             self._take_snapshot(step)
+            self._watch.early_pass1 = list(self._watch.last_pass1)
 
     def _close_peak_search(self, step: int) -> None:
         """ "peak": fix the early checkpoint at the cut-off (the weights now if no evaluation
@@ -283,11 +263,14 @@ class WiSEFTCore:
             f"({self.select_metric} {self._early.best})"
         )
 
-    def _choose_alpha(self) -> float | None:
-        """The alpha to merge with (None: nothing to choose from); sets `final_report`."""
+    def _choose_alpha(self, step: int) -> float | None:
+        """The alpha to merge with, from the grid of `step` if evaluated, else the latest grid
+        (None: nothing to choose from); sets `final_report`."""
+        grid_step = step if step in self._grids else max(self._grids, default=None)
+        grid = None if grid_step is None else {"step": grid_step, "values": self._grids[grid_step]}
         alpha, self.final_report = choose_final(
             self.final_alpha,
-            self._last_grid,
+            grid,
             self.history,
             self.select_metric,
             self.evaluation.keep_pass1,
@@ -345,16 +328,29 @@ class WiSEFTCore:
         """An evaluation's records into `history` and history.jsonl, its scalars (and the
         collapse flag) to the loggers. The one place that turns results into outputs."""
         assert result.step is not None
+        again = any(r["step"] == result.step for r in self.history)  # adding the grid at the end
+        self.history = [r for r in self.history if r["step"] != result.step]
         records = result.records()
         values = per_problem_values(result.results, self.select_metric, self.config.max_k)
         add_gains(records, values)
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
-        baseline = result.step == 0  # before any training: not part of the collapse watch
+        baseline = result.step == 0 or again  # step 0, or a step the watch has already seen
+        pass1 = values[current["alpha"]]["pass1"]
         if not baseline:
             current.update(self._watch.compare(values[current["alpha"]]["passk"]))
+            if current["alpha"] == CURRENT:
+                current["collapse_risk"] = self._watch.risk(pass1)
+        if current["alpha"] == EARLY:
+            self._watch.early_pass1 = [float(v) for v in pass1]
+        self._watch.last_pass1 = [float(v) for v in pass1]
         if CURRENT in values and len(values) > 1:
-            self._last_grid = {"step": result.step, "values": grid_state(values)}
+            self._grids[result.step] = grid_state(values)
         self.history.extend(records)
+        self.spent["evaluations"] += 1
+        self.spent["generated_tokens"] += sum(
+            r["mean_completion_tokens"] * r["num_samples"] for r in records
+        )
+        self.spent["sample_s"] += result.timings["sample_s"]
         metrics = logged_scalars(records, result.timings, self.select_metric)
         late = check_timeouts(
             sum(r["timed_out"] for r in records), sum(r["num_samples"] for r in records)
@@ -363,9 +359,23 @@ class WiSEFTCore:
             self._warn(f"step {result.step}: {late}")
         collapsed = not baseline and self._watch_collapse(current, values[current["alpha"]])
         metrics["wiseft/collapse"] = float(collapsed)
+        self._warn_of_risk(current)
         self._emit_metrics(metrics, result.step)
         self._publish_samples(result)
         self._write_files()
+
+    def _warn_of_risk(self, record: dict[str, Any]) -> None:
+        """With collapse.risk_warning: warn once when collapse_risk reaches the z threshold."""
+        risk = record.get("collapse_risk")
+        if not self.collapse.risk_warning or self._watch.risk_fired or risk is None:
+            return
+        if risk >= self.collapse.z_threshold:
+            self._watch.risk_fired = True
+            self._warn(
+                f"collapse likely: at step {record['step']} the share of problems every sample "
+                f"solves (rho = 1) is {record['frac_rho1']:.3f}, up from the early checkpoint by "
+                f"{risk:.1f} paired standard errors"
+            )
 
     def _watch_collapse(self, record: dict[str, Any], values: dict[str, np.ndarray]) -> bool:
         """Feed the collapse watch; act the one time it fires."""
@@ -378,62 +388,6 @@ class WiSEFTCore:
                 self._call_on_collapse(self.collapse.on_collapse, info)
         return self._watch.fired
 
-    def _publish_samples(self, result: Evaluation) -> None:
-        """Extend the sample table (every rank: it is part of the state); rank zero gives it to
-        the loggers and the console, writes the dump, says when the time budget cut it short."""
-        step = result.step
-        assert step is not None
-        rows = sample_rows(result, self.problems, self.examples)
-        self.sample_table = [r for r in self.sample_table if r["step"] != step] + rows
-        if not self._is_global_zero:
-            return
-        covered = result.results[0].metrics["num_problems"]
-        if covered < len(self.problems):
-            self._info(
-                f"evaluation.time_budget_s={self.config.time_budget_s} ran out at step {step}: "
-                f"{covered} of {len(self.problems)} problems covered"
-            )
-        if self.examples:
-            self._emit_samples(self.sample_table, rows, step)
-        if self.sample_logging.print_samples:
-            self._info(format_samples(rows[: self.sample_logging.print_samples]))
-        folder = self.sample_logging.generations_folder(self._require_context().log_dir)
-        if folder is not None:
-            write_generations(result, self.problems, folder)
-
-    # ------------------------------------------------------------------ files
-
-    @property
-    def history_path(self) -> Path:
-        """history.jsonl in the run's log folder."""
-        return self._require_context().log_dir / "history.jsonl"
-
-    def _write_files(self) -> None:
-        """history.jsonl and samples.jsonl from the state (rank zero)."""
-        if not self._is_global_zero:
-            return
-        write_history(self.history_path, self.history)
-        if self.examples:
-            write_jsonl(self.history_path.with_name("samples.jsonl"), self.sample_table)
-
-    def _save_merged(self, step: int) -> None:
-        """save_pretrained of the merged model + tokenizer into save_merged_to (rank zero
-        writes; a sharded model's full state dict is a collective on every rank)."""
-        context = self._require_context()
-        assert self.save_merged_to is not None and self.snapshot is not None
-        state_dict = full_state_dict(context.model) if is_sharded(context.model) else None
-        if not self._is_global_zero:
-            return
-        info = {
-            "alpha": self.chosen_alpha,
-            "final_alpha": self.final_alpha,
-            "select_metric": self.select_metric,
-            "snapshot_step": self.snapshot.step,
-            "step": step,
-        }
-        save_merged(context.model, self.tokenizer, self.save_merged_to, info, state_dict)
-        self._info(f"merged model saved to {self.save_merged_to}")
-
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
@@ -443,8 +397,10 @@ class WiSEFTCore:
             "collapse": self._watch.state_dict(),
             "last_eval_step": self._last_eval_step,
             "sample_table": [dict(r) for r in self.sample_table],
-            "last_grid": self._last_grid,
+            # JSON-safe (a Trainer's trainer_state.json would turn float keys into strings)
+            "grids": [[step, list(grid.items())] for step, grid in self._grids.items()],
             "early": self._early.state_dict(),
+            "spent": dict(self.spent),
             **self._files.state_dict(),
         }
 
@@ -453,7 +409,8 @@ class WiSEFTCore:
         self._watch.load_state_dict(state_dict["collapse"])
         self._last_eval_step = state_dict["last_eval_step"]
         self.sample_table = [dict(r) for r in state_dict.get("sample_table", [])]
-        self._last_grid = state_dict.get("last_grid")
+        self._grids = {step: dict(grid) for step, grid in state_dict.get("grids", [])}
+        self.spent = dict(state_dict.get("spent", self.spent))
         if "early" in state_dict:
             self._early.load_state_dict(state_dict["early"])
         self._files.load_state_dict(state_dict)

@@ -117,19 +117,24 @@ def evaluate(
     graded: dict[float, GradedAlpha] | None = None
     error: Exception | None = None
     try:
-        completions = _sample(
-            model,
-            snapshot,
-            problems,
-            sampler,
-            config,
-            alphas,
-            step,
-            calls,
-            world_size,
-            timings,
-            progress,
-        )
+        try:
+            completions = _sample(
+                model,
+                snapshot,
+                problems,
+                sampler,
+                config,
+                alphas,
+                step,
+                calls,
+                world_size,
+                timings,
+                progress,
+            )
+        finally:  # e.g. a vLLM engine in sleep mode releases its memory until the next one
+            end_evaluation = getattr(sampler, "end_evaluation", None)
+            if callable(end_evaluation):
+                end_evaluation()
         local = local[: min(len(samples) for samples in completions.values())]  # budget cut
         tick = time.perf_counter()
         graded = _grade(completions, [problems[i] for i in local], local, grader, config)

@@ -192,8 +192,21 @@ def merge_checkpoints(
     """Write theta(alpha) = lerp(EARLY, LATEST, alpha) as a checkpoint folder at `out_dir`.
 
     Floating-point tensors are interpolated in LATEST's dtype; other tensors are LATEST's. The
-    output is always safetensors, sharded like LATEST. Returns the output folder.
+    output is always safetensors, sharded like LATEST. Returns the output folder. Two PEFT LoRA
+    adapter folders (adapter_config.json) give the exact interpolated adapter instead
+    (`wise_callback.lora_merge`).
     """
+    from wise_callback.lora_merge import is_adapter_folder, merge_adapters
+
+    if is_adapter_folder(early_dir) or is_adapter_folder(latest_dir):
+        return merge_adapters(
+            early_dir,
+            latest_dir,
+            out_dir,
+            alpha,
+            force=force,
+            allow_extrapolation=allow_extrapolation,
+        )
     alpha = check_alpha(alpha, allow_extrapolation)
     early, latest = read_checkpoints(early_dir, latest_dir, allow_pickle)
     out = Path(out_dir)

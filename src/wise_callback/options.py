@@ -70,6 +70,9 @@ class SnapshotOptions:
         device: where the snapshot lives between evaluations (CPU by default: no GPU memory).
         dtype: its dtype, or its name ("bfloat16" halves the snapshot of an fp32 model).
         dir: where the snapshot file goes; default the trainer's checkpoint folder.
+        dense_merge: for a LoRA PeftModel, save_merged_to gets the dense merged model (the
+            plain base model with W0 + the interpolated update) instead of the interpolated
+            adapter (rank r_early + r_latest, loadable with PeftModel.from_pretrained).
         peak_until: with snapshot_at="peak", the fraction of the planned steps up to which
             the best evaluation of the current weights replaces the snapshot; after it the
             snapshot is fixed and the alpha grid runs against it.
@@ -79,8 +82,10 @@ class SnapshotOptions:
     dtype: str | None = None
     dir: str | os.PathLike[str] | None = None
     peak_until: float = 0.5
+    dense_merge: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("snapshotting.dense_merge", self.dense_merge)
         check_float("snapshotting.peak_until", self.peak_until, minimum=0.0, maximum=1.0)
         if self.peak_until == 0.0:
             raise ValueError("snapshotting.peak_until must be > 0")
@@ -112,6 +117,10 @@ class CollapseOptions:
             problems (drop / its paired standard error) must reach it.
         patience: how many collapsing evaluations in a row (Pass@1 not below its value at the
             Pass@k peak) raise the warning.
+        risk_warning: also warn (once) when `collapse_risk` - the paired z of the rise in the
+            share of problems at rho = 1 since the early checkpoint - reaches z_threshold. Off
+            by default: on the demo it leads the Pass@k drop on every seed but rises from the
+            first evaluations on (it measures sharpening, not imminent collapse).
         on_collapse: "warn", "stop" (warn and stop training), or a callable the adapter calls
             with its own arguments (Lightning: `(trainer, pl_module, info)`; HF: `(args, state,
             control, info)`).
@@ -121,8 +130,10 @@ class CollapseOptions:
     z_threshold: float = 2.0
     patience: int = 1
     on_collapse: str | Callable[..., Any] = "warn"
+    risk_warning: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("collapse.risk_warning", self.risk_warning)
         check_float("collapse.min_drop", self.min_drop, minimum=0.0, maximum=1.0)
         check_float("collapse.z_threshold", self.z_threshold, minimum=0.0)
         check_int("collapse.patience", self.patience, minimum=1)
@@ -185,6 +196,10 @@ class EvalOptions:
             cleanly and the metrics cover the problems every alpha reached.
         fail_on_eval_error: raise when sampling or grading fails, instead of warning and going
             on with training (the weights are restored either way).
+        grid_every: sample the alpha grid at every m-th evaluation only (the current weights
+            at every one); the last step always gets the grid. 1: at every evaluation.
+        grid_when_z: also sample the grid at the evaluation after one whose collapse_z (the
+            paired z of the Pass@k drop) reached this, e.g. 1.0 (None: never).
         keep_pass1: with final_alpha="best", choose only among alphas whose Pass@1 is not
             significantly below the current weights' (paired z > -2 over problems).
     """
@@ -197,8 +212,12 @@ class EvalOptions:
     time_budget_s: float | None = None
     fail_on_eval_error: bool = False
     keep_pass1: bool = False
+    grid_every: int = 1
+    grid_when_z: float | None = None
 
     def __post_init__(self) -> None:
+        check_int("evaluation.grid_every", self.grid_every, minimum=1)
+        check_float("evaluation.grid_when_z", self.grid_when_z, optional=True)
         check_bool("evaluation.keep_pass1", self.keep_pass1)
         check_float("evaluation.grade_timeout_s", self.grade_timeout_s, positive=True)
         check_int("evaluation.grade_workers", self.grade_workers, minimum=0, optional=True)

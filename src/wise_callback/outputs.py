@@ -19,6 +19,7 @@ import torch
 
 from wise_callback.comparisons import best_record
 from wise_callback.files import replace_folder, write_text_atomically
+from wise_callback.sharding import full_state_dict, is_sharded
 
 MERGE_INFO = "wiseft_merge.json"
 """The file every merged-model folder of ours holds: how it was made, and our mark on it."""
@@ -62,6 +63,21 @@ def check_merge_target(target: Path) -> None:
             f"save_merged_to={str(target)!r} is a non-empty folder that wise-callback did not "
             f"write (no {MERGE_INFO}); give a new or empty folder, we never replace other files"
         )
+
+
+def what_to_save(
+    model: torch.nn.Module, dense: bool
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The module to `save_pretrained` and its state dict (None: its own): with `dense`, a
+    LoRA PeftModel's plain base model with the merged dense weights; a sharded model's full
+    state dict otherwise. A collective under FSDP2: every rank calls it."""
+    from wise_callback.lora import has_lora
+
+    if dense and has_lora(model):
+        from wise_callback.lora_dense import merged_dense_state_dict
+
+        return model.get_base_model(), merged_dense_state_dict(model)  # type: ignore[operator]
+    return model, full_state_dict(model) if is_sharded(model) else None
 
 
 def save_merged(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from wise_callback.weights import Snapshot, named_float_tensors
+from wise_callback.weights import Snapshot, snapshot_names
 
 if TYPE_CHECKING:
     from wise_callback.core import RunContext
@@ -51,7 +51,7 @@ class SnapshotFiles:
         for path in places:
             if path.is_file():
                 snapshot = Snapshot.load(path, device=device)
-                if set(snapshot.tensors) != set(named_float_tensors(context.model)):
+                if set(snapshot.tensors) != set(snapshot_names(context.model)):
                     raise ValueError(f"{path} is the snapshot of another model (tensor names)")
                 return snapshot
         raise FileNotFoundError(

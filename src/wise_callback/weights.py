@@ -6,7 +6,10 @@ Tensors are paired by *name* (never by position): every floating-point parameter
 module, frozen ones included, tied weights once. Under FSDP2 (DTensor parameters) only the local
 shards are touched: interpolation is elementwise, so no rank needs another rank's data.
 
-It imports nothing else of the project but the leaf `files` module (atomic writes).
+A module holding PEFT LoRA layers (a `peft.PeftModel`) is handled by `wise_callback.lora`, imported
+only then: its snapshot holds the adapter and modules_to_save only, and theta(alpha) is the exact
+interpolant of the effective weights (see that module). Otherwise this module imports nothing of
+the project but the leaf `files` and `sharding` modules.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,16 +56,25 @@ def named_float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def snapshot_names(module: torch.nn.Module) -> list[str]:
+    """The tensor names a snapshot of `module` holds (of a LoRA model: adapter and
+    modules_to_save only), e.g. to check that a snapshot file belongs to the model."""
+    lora = _lora(module)
+    return list(lora.capture_layout(module)[0] if lora else named_float_tensors(module))
+
+
 @dataclass(eq=False)
 class Snapshot:
     """A copy of a module's floating-point parameters and buffers, keyed by name.
 
     Under FSDP2 `tensors` holds this rank's local shards (each rank saves and loads its own
-    file). `step` is the training step it was taken at, if known.
+    file). `step` is the training step it was taken at, if known. `lora` is set for a snapshot of
+    a LoRA model: adapter name and each layer's rank and scaling (`wise_callback.lora`).
     """
 
     tensors: dict[str, torch.Tensor]
     step: int | None = None
+    lora: dict[str, Any] | None = None
     _checked: dict[str, tuple[weakref.ref[torch.Tensor], int]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -75,14 +88,20 @@ class Snapshot:
         step: int | None = None,
     ) -> Snapshot:
         """Copy the module's weights to `device` (CPU by default, pinned when an accelerator is
-        in use so that interpolation can stream it back fast), optionally cast to `dtype`."""
+        in use so that interpolation can stream it back fast), optionally cast to `dtype`. Of a
+        LoRA model only the adapter and modules_to_save are copied, never the frozen base."""
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"Snapshot dtype must be a floating-point dtype, got {dtype}")
         device = torch.device(device)
+        lora = _lora(module)
+        if lora:
+            tensors, layout = lora.capture_layout(module)
+        else:
+            tensors, layout = named_float_tensors(module), None
         copies: dict[str, torch.Tensor] = {}
         asynchronous = False
         with torch.no_grad():
-            for name, tensor in named_float_tensors(module).items():
+            for name, tensor in tensors.items():
                 pin = device.type == "cpu" and tensor.device.type != "cpu"
                 copy = torch.empty(
                     tensor.shape, dtype=dtype or tensor.dtype, device=device, pin_memory=pin
@@ -92,7 +111,7 @@ class Snapshot:
                 copies[name] = copy
         if asynchronous:
             torch.accelerator.synchronize()
-        return cls(copies, step=step)
+        return cls(copies, step=step, lora=layout)
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +146,8 @@ class Snapshot:
             "step": "" if self.step is None else str(self.step),
             "tensors": json.dumps(manifest),
         }
+        if self.lora is not None:
+            metadata["lora"] = json.dumps(self.lora)
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors.items()}
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), fsync=True)
 
@@ -160,7 +181,8 @@ class Snapshot:
         if torch.device(device).type == "cpu" and torch.accelerator.is_available():
             tensors = {name: t.pin_memory() for name, t in tensors.items()}  # fast streaming
         step = int(metadata["step"]) if metadata["step"] else None
-        return cls(tensors, step=step)
+        lora = json.loads(metadata["lora"]) if "lora" in metadata else None
+        return cls(tensors, step=step, lora=lora)
 
 
 def interpolate_(
@@ -175,9 +197,14 @@ def interpolate_(
     One fused `torch._foreach_lerp_` per (device, dtype) group, computed in the module's dtype.
     A snapshot on another device or in another dtype streams through a staging buffer of
     `STAGING_BYTES` per group, never copied over whole. All inputs are checked, and the staging
-    buffers allocated, before any weight changes.
+    buffers allocated, before any weight changes. A LoRA model ends up holding the interpolated
+    adapter of rank r_early + r_latest (`wise_callback.lora.commit_`).
     """
     alpha = check_alpha(alpha, allow_extrapolation)
+    lora = _lora(module)
+    if lora:
+        lora.commit_(module, snapshot, alpha)
+        return
     rows = [(target, early, None) for target, early in _pair(module, snapshot)]
     with torch.no_grad():
         for targets, earlies, _ in _batches(rows):
@@ -193,9 +220,23 @@ def alpha_sweep(
     Yields `set_alpha(alpha)`, which puts theta(alpha) into the module (any alphas, any order, one
     pass over the weights each). On exit, also when the body raises, the weights the module held
     on entry are back bit for bit. The backup sits beside the weights (same device and dtype): the
-    extra memory is one copy of the module's floating-point weights.
+    extra memory is one copy of the module's floating-point weights (of a LoRA model: the
+    modules_to_save, plus the rank-concatenated adapter; its base is never written to).
     """
-    pairs = _pair(module, snapshot)
+    lora = _lora(module)
+    if lora:
+        sweep = lora.alpha_sweep(module, snapshot, allow_extrapolation=allow_extrapolation)
+    else:
+        sweep = sweep_pairs(_pair(module, snapshot), allow_extrapolation)
+    with sweep as set_alpha:
+        yield set_alpha
+
+
+@contextmanager
+def sweep_pairs(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], allow_extrapolation: bool = False
+) -> Iterator[Callable[[float], None]]:
+    """`alpha_sweep` over (module tensor, snapshot tensor) pairs from `pair_by_name`."""
     with torch.no_grad():
         rows = [(target, early, target.clone()) for target, early in pairs]
     active = True
@@ -256,18 +297,51 @@ def name_listing(names: list[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
+def name_mismatch(
+    ours: Iterable[str], theirs: Iterable[str], only_ours: str, only_theirs: str
+) -> str:
+    """What differs between two name sets, e.g. "only in A: x, y; only in B: z" ("" if none)."""
+    ours, theirs = list(ours), list(theirs)
+    our_set, their_set = set(ours), set(theirs)
+    parts = [
+        f"{label}: {name_listing(names)}"
+        for label, names in (
+            (only_ours, [n for n in ours if n not in their_set]),
+            (only_theirs, [n for n in theirs if n not in our_set]),
+        )
+        if names
+    ]
+    return "; ".join(parts)
+
+
+def _lora(module: torch.nn.Module) -> Any:
+    """The `wise_callback.lora` module when `module` holds PEFT layers, else None."""
+    if "peft" not in sys.modules:
+        return None
+    from wise_callback import lora
+
+    return lora if lora.has_lora(module) else None
+
+
 def _pair(module: torch.nn.Module, snapshot: Snapshot) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(module tensor, snapshot tensor) by name, after checking names, shapes and finiteness."""
-    current = named_float_tensors(module)
-    missing = [n for n in current if n not in snapshot.tensors]
-    unexpected = [n for n in snapshot.tensors if n not in current]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the snapshot: {name_listing(missing)}")
-        if unexpected:
-            parts.append(f"not in the module: {name_listing(unexpected)}")
-        raise ValueError("snapshot does not match the module; " + "; ".join(parts))
+    if snapshot.lora is not None:
+        raise ValueError(
+            "the snapshot is of a LoRA adapter (adapter and modules_to_save only) but the module "
+            "has no LoRA layers"
+        )
+    return pair_by_name(named_float_tensors(module), snapshot)
+
+
+def pair_by_name(
+    current: dict[str, torch.Tensor], snapshot: Snapshot
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(module tensor, snapshot tensor) by name, in `current`'s order, after checking names,
+    shapes and finiteness."""
+    mismatch = name_mismatch(
+        current, snapshot.tensors, "missing from the snapshot", "not in the module"
+    )
+    if mismatch:
+        raise ValueError("snapshot does not match the module; " + mismatch)
     for name, tensor in current.items():
         early = snapshot.tensors[name]
         if early.shape != tensor.shape:

@@ -74,8 +74,10 @@ def run_demo(
     sampler: str = "hf",
     progress: bool = True,
     settings: DemoSettings | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo into `out_dir` and return its summary (also written to summary.json)."""
+    """Run the demo into `out_dir` and return its summary (also written to summary.json).
+    `evaluation`: the callback's `EvalOptions` fields (e.g. a sparser grid schedule)."""
     settings = settings or (QUICK if quick else FULL)
     if sampler not in ("hf", "vllm"):
         raise ValueError(f"sampler must be 'hf' or 'vllm', got {sampler!r}")
@@ -102,6 +104,7 @@ def run_demo(
         temperature=settings.temperature,
         sampling=SamplingOptions(stop=["\n"], seed=seed),
         sample_logging=SampleLogging(progress=progress),
+        evaluation=evaluation,
     )
     trainer = L.Trainer(
         max_steps=settings.sft_steps,
@@ -128,15 +131,50 @@ def run_demo(
         "settings": dataclasses.asdict(settings),
         "chosen_alpha": callback.chosen_alpha,
         "collapse_warning": callback.collapse_detected,
+        "collapse_warning_step": callback.collapse_step,
+        "spent": dict(callback.spent),
         "wall_time_s": round(elapsed, 1),
         "rows": table_rows(history),
         **_headline(history, callback.chosen_alpha),
+        "heldout": heldout_part(callback.final_report),
     }
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if progress:
         print(format_table(history))
+        print(format_heldout(summary["heldout"]))
         print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "settings")}))
     return summary
+
+
+def heldout_part(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The final choice's numbers from problems that did not take part in choosing it
+    (cross-fitted over two halves), and the final weights' (never selected, so all problems),
+    each Pass@1 and Pass@k (largest k) with its standard error."""
+    if not report:
+        return {}
+    part: dict[str, Any] = {"alpha": report["alpha"]}
+    for who, prefix in (("chosen", "heldout/chosen/"), ("final_weights", "current/")):
+        part[who] = {
+            key: report.get(f"{prefix}{key}")
+            for key in ("pass@1", "pass@1_se", "pass@k", "pass@k_se")
+        }
+    part["alphas_chosen_on_each_half"] = report.get("heldout_alphas_by_half")
+    return part
+
+
+def format_heldout(part: dict[str, Any]) -> str:
+    """The held-out part of the console table."""
+    if not part:
+        return "held-out: no merge"
+    halves = part["alphas_chosen_on_each_half"]
+    lines = [f"held-out (cross-fitted over two halves; the alpha chosen on each: {halves})"]
+    for who, label in (("chosen", f"WiSE-FT a={part['alpha']:.2f}"), ("final_weights", "current")):
+        numbers = part[who]
+        lines.append(
+            f"  {label:>16}: pass@1 {numbers['pass@1']:.3f} ± {numbers['pass@1_se']:.3f}   "
+            f"pass@k {numbers['pass@k']:.3f} ± {numbers['pass@k_se']:.3f}"
+        )
+    return "\n".join(lines)
 
 
 def _headline(history: list[dict[str, Any]], chosen_alpha: float | None) -> dict[str, Any]:

