@@ -74,20 +74,30 @@ def final_choice(
     values: PerProblem, keep_pass1: bool, z_threshold: float, seed: int
 ) -> tuple[float, dict[str, Any]]:
     """The alpha "best" merges with (chosen on every problem) and the report on it: in-sample
-    and cross-fitted held-out Pass@1 / Pass@k of the choice, and of the final weights."""
-    candidates = [Candidate(alpha, row) for alpha, row in sorted(values.items())]
+    and cross-fitted held-out Pass@1 / Pass@k of the choice, its held-out paired gain over the
+    final weights (`heldout/gain/...`, each problem's difference under the alpha chosen without
+    it), and the final weights' own numbers."""
+    base = values[CURRENT]
+    candidates = [
+        Candidate(
+            alpha,
+            {**row, **{f"gain_{k}": row[k] - base[k] for k in ("pass1", "passk")}},
+        )
+        for alpha, row in sorted(values.items())
+    ]
     rule = best_alpha_rule(keep_pass1, z_threshold)
-    everyone = np.arange(len(candidates[0].values["pass1"]))
+    everyone = np.arange(len(base["pass1"]))
     chosen = rule(candidates, everyone)
     report: dict[str, Any] = {"alpha": chosen, "keep_pass1": keep_pass1}
     report.update(_described("chosen", values[chosen]))
-    report.update(_described("current", values[CURRENT]))
+    report.update(_described("current", base))
     if len(everyone) >= 2:
         held = cross_fitted_choice(candidates, rule, seed)
         report["heldout_alphas_by_half"] = list(held.alphas_by_half)
         for name, label in (("pass1", "pass@1"), ("passk", "pass@k")):
-            mean, se = held.estimates[name]
-            report[f"heldout/chosen/{label}"], report[f"heldout/chosen/{label}_se"] = mean, se
+            for key, prefix in ((name, "heldout/chosen"), (f"gain_{name}", "heldout/gain")):
+                mean, se = held.estimates[key]
+                report[f"{prefix}/{label}"], report[f"{prefix}/{label}_se"] = mean, se
     return chosen, report
 
 

@@ -148,16 +148,19 @@ def run_demo(
 
 def heldout_part(report: dict[str, Any] | None) -> dict[str, Any]:
     """The final choice's numbers from problems that did not take part in choosing it
-    (cross-fitted over two halves), and the final weights' (never selected, so all problems),
-    each Pass@1 and Pass@k (largest k) with its standard error."""
+    (cross-fitted over two halves), the final weights' (never selected, so all problems), and the
+    choice's held-out paired gain over them: Pass@1 and Pass@k (largest k) with standard errors."""
     if not report:
         return {}
     part: dict[str, Any] = {"alpha": report["alpha"]}
-    for who, prefix in (("chosen", "heldout/chosen/"), ("final_weights", "current/")):
-        part[who] = {
-            key: report.get(f"{prefix}{key}")
-            for key in ("pass@1", "pass@1_se", "pass@k", "pass@k_se")
-        }
+    keys = ("pass@1", "pass@1_se", "pass@k", "pass@k_se")
+    places = (
+        ("chosen", "heldout/chosen/"),
+        ("final_weights", "current/"),
+        ("gain", "heldout/gain/"),
+    )
+    for who, prefix in places:
+        part[who] = {key: report.get(f"{prefix}{key}") for key in keys}
     part["alphas_chosen_on_each_half"] = report.get("heldout_alphas_by_half")
     return part
 
@@ -173,6 +176,12 @@ def format_heldout(part: dict[str, Any]) -> str:
         lines.append(
             f"  {label:>16}: pass@1 {numbers['pass@1']:.3f} ± {numbers['pass@1_se']:.3f}   "
             f"pass@k {numbers['pass@k']:.3f} ± {numbers['pass@k_se']:.3f}"
+        )
+    gain = part["gain"]
+    if gain.get("pass@k") is not None:
+        lines.append(
+            f"  {'paired gain':>16}: pass@1 {gain['pass@1']:+.3f} ± {gain['pass@1_se']:.3f}   "
+            f"pass@k {gain['pass@k']:+.3f} ± {gain['pass@k_se']:.3f}"
         )
     return "\n".join(lines)
 
