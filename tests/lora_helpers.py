@@ -41,3 +41,18 @@ def dense(model: PeftModel, dtype: torch.dtype = torch.float64) -> torch.nn.Modu
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def assert_merged_exactly(merged, tokenizer, latest_state, snapshot, alpha, ids) -> torch.Tensor:
+    """The merged PeftModel's logits equal those of the latest adapter (`latest_state`, as
+    training left it) interpolated with `snapshot` at `alpha`, and differ from the latest's own;
+    returns the expected logits."""
+    from wise_callback.weights import interpolated
+
+    latest = lora_model(tokenizer)
+    latest.load_state_dict(latest_state)
+    with interpolated(latest.eval(), snapshot, alpha):
+        expected = logits(latest, ids)
+    assert torch.equal(logits(merged, ids), expected)
+    assert not torch.allclose(logits(latest, ids), expected, atol=1e-3)
+    return expected

@@ -13,11 +13,10 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
 from callback_toy import toy_batches, toy_problems
-from lora_helpers import logits, lora_model
+from lora_helpers import assert_merged_exactly, logits, lora_model
 from wise_callback import WiSEFTCallback
 from wise_callback.demo.model import char_tokenizer, tiny_llama
 from wise_callback.grading import exact_match
-from wise_callback.weights import interpolated
 
 IDS = torch.arange(4, 40).reshape(3, 12)
 
@@ -98,12 +97,7 @@ def test_lightning_fit_of_a_lora_model_merges_and_saves_the_interpolated_adapter
 
     merged = module.model.eval()
     assert merged.peft_config["default"].r == 8
-    latest = lora_model(module.tokenizer)
-    latest.load_state_dict(before.latest)
-    with interpolated(latest.eval(), snapshot, 0.4):
-        expected = logits(latest, IDS)
-    assert torch.equal(logits(merged, IDS), expected)
-    assert not torch.allclose(logits(latest, IDS), expected, atol=1e-3)
+    expected = assert_merged_exactly(merged, module.tokenizer, before.latest, snapshot, 0.4, IDS)
 
     saved = tmp_path / "merged"
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8

@@ -12,10 +12,9 @@ from peft.utils import get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback
 
 from hf_toy import toy_arguments, toy_options, toy_train_set
-from lora_helpers import logits, lora_model
+from lora_helpers import assert_merged_exactly, logits, lora_model
 from wise_callback import WiSEFTTrainerCallback
 from wise_callback.demo.model import char_tokenizer, tiny_llama
-from wise_callback.weights import interpolated
 
 IDS = torch.arange(4, 40).reshape(3, 12)
 
@@ -49,12 +48,7 @@ def test_trainer_fit_of_a_lora_model_merges_and_saves_the_interpolated_adapter(t
     snapshot = callback.snapshot
     assert snapshot.lora is not None and snapshot.nbytes == before.adapter_bytes
     merged = trainer.model.eval()
-    latest = lora_model(tokenizer)
-    latest.load_state_dict(before.latest)
-    with interpolated(latest.eval(), snapshot, 0.4):
-        expected = logits(latest, IDS)
-    assert torch.equal(logits(merged, IDS), expected)
-    assert not torch.allclose(logits(latest, IDS), expected, atol=1e-3)
+    expected = assert_merged_exactly(merged, tokenizer, before.latest, snapshot, 0.4, IDS)
 
     saved = tmp_path / "merged"
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 2 * 4
