@@ -35,7 +35,7 @@ from wise_callback.comparisons import (
     per_problem_values,
 )
 from wise_callback.early import EarlySchedule
-from wise_callback.evaluate import CURRENT, Evaluation, evaluate
+from wise_callback.evaluate import CURRENT, EvalConfig, Evaluation, evaluate
 from wise_callback.grading import Grader, check_timeouts, exact_match
 from wise_callback.options import (
     CollapseOptions,
@@ -67,6 +67,26 @@ class WiSEFTCore(RunReporting):
     record per evaluation and alpha), `chosen_alpha`, `snapshot`, `collapse_detected`,
     `last_evaluation`, `sample_table`.
     """
+
+    # set from the arguments by `settle_arguments`
+    problems: list[dict[str, Any]]
+    tokenizer: Any
+    grader: Grader | str
+    snapshot_at: int | float | str
+    eval_every_n_steps: int | None
+    config: EvalConfig
+    alphas: tuple[float, ...]
+    final_alpha: float | str | None
+    select_metric: str
+    sampler: str | Sampler
+    save_merged_to: Path | None
+    model_attr: str | Callable[[Any], torch.nn.Module] | None
+    examples: list[int]
+    sampling: SamplingOptions
+    snapshotting: SnapshotOptions
+    collapse: CollapseOptions
+    sample_logging: SampleLogging
+    evaluation: EvalOptions
 
     def __init__(
         self,

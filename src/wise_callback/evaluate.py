@@ -81,7 +81,7 @@ def evaluate(
     snapshot: Snapshot | None,
     problems: Sequence[Mapping[str, Any]],
     sampler: Sampler,
-    grader: Grader,
+    grader: Grader | str,
     config: EvalConfig,
     *,
     alphas: Sequence[float] = (CURRENT,),

@@ -2,7 +2,8 @@
 
 This is the functional core (numpy, vectorised over problems, exact); its torchmetrics twins
 (metric_classes.py, importable from here) only store per-problem values and reduce them across
-processes, in the split torchmetrics itself uses (functional/ vs Metric classes). Definitions: the README, "The metrics".
+processes, in the split torchmetrics itself uses (functional/ vs Metric classes). Definitions:
+the README, "The metrics".
 
 Every mean over problems is `math.fsum(...) / count`: an exactly rounded sum does not depend on
 the order of the problems, so a run split over processes gives bit-identical numbers.

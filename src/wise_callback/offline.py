@@ -23,7 +23,7 @@ def evaluate_checkpoints(
     early_dir: str | os.PathLike[str],
     latest_dir: str | os.PathLike[str],
     problems: Sequence[Mapping[str, Any]],
-    grader: Grader,
+    grader: Grader | str,
     config: EvalConfig,
     *,
     alphas: Sequence[float] = (0.25, 0.5, 0.75),
