@@ -44,3 +44,8 @@ def kill_when_printed(command: list[str], marker: str, timeout: float = 300) -> 
             os.killpg(process.pid, signal.SIGKILL)
             break
     return process.wait(timeout=timeout)
+
+
+EVERY = {"grid_every": 1, "halving": None}
+"""The 0.1 schedule: every alpha in full at every evaluation (the tests whose subject is not the
+schedule read the grid at every step; test_schedule.py and test_halving.py test the default)."""

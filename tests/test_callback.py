@@ -15,12 +15,12 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForCausalLM
 
 from callback_toy import ToyModule, toy_problems
-from helpers import assert_same, weights
+from helpers import EVERY, assert_same, weights
 from wise_callback import Snapshot, WiSEFTCallback, interpolate_
 from wise_callback.collapse import CollapseWatch
 from wise_callback.sampling import HFSampler
 
-FAST = dict(num_samples=4, max_new_tokens=3, sample_logging={"progress": False})
+FAST = dict(num_samples=4, max_new_tokens=3, sample_logging={"progress": False}, evaluation=EVERY)
 
 
 class Bracket(Callback):

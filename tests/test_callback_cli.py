@@ -57,8 +57,9 @@ model:
     assert callback.config.sampling.top_p == 0.9 and not callback.sample_logging.progress
     assert callback.snapshot is not None
     assert {t.dtype for t in callback.snapshot.tensors.values()} == {torch.bfloat16}
+    # the default schedule: the current weights at step 3, the grid for the final choice at 4
     assert [(r["step"], r["alpha"]) for r in callback.history] == [
-        (2, 0.0), (3, 0.5), (3, 1.0), (4, 0.5), (4, 1.0),
+        (2, 0.0), (3, 1.0), (4, 0.5), (4, 1.0),
     ]  # fmt: skip
     assert callback.chosen_alpha in (0.5, 1.0)
     lines = (tmp_path / "history.jsonl").read_text().splitlines()

@@ -22,7 +22,7 @@ from callback_toy import ToyModule, toy_callback
 from helpers import assert_same
 from wise_callback import Snapshot, interpolate_
 from wise_callback.comparisons import PAIRED_KEYS
-from wise_callback.evaluate import evaluate
+from wise_callback.halving import evaluate_halving, first_round_samples
 from wise_callback.sampling import HFSampler
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_merge_and_history(
     run_toy(killed, "--resume", *STRATEGIES[strategy])
     resumed = json.loads((killed / "history.json").read_text())
     assert resumed == json.loads((straight / "history.json").read_text())
-    assert [r["step"] for r in resumed["history"]] == [4, 5, 5, 10, 10, 15, 15, 16, 16]
+    assert [r["step"] for r in resumed["history"]] == [4, 5, 10, 15, 16, 16]
     assert (killed / "history.jsonl").read_text() == (straight / "history.jsonl").read_text()
     ranks = (0, 1) if strategy == "ddp" else (0,)
     for rank in ranks:
@@ -110,14 +110,20 @@ def test_ddp_two_processes_match_a_single_process_evaluation(straight_run):
     saved = saved_merged(tmp_path)
     assert_same(saved, {n: final[0][n] for n in saved})
 
-    # the final evaluation (problems split 3 + 3 over the ranks) = one process over all 6
+    # the final evaluation, successive halving with the problems split 3 + 3 over the ranks,
+    # = one process over all 6
     callback = toy_callback()
     module = ToyModule()
     module.model.load_state_dict(premerge, strict=False)
     sampler = HFSampler(module.model, callback.tokenizer, progress=False)
-    single = evaluate(
+    first = first_round_samples(
+        callback.config, callback.evaluation.halving, callback.select_metric, "best"
+    )
+    assert first == 1  # a quarter of 4 samples per problem
+    single = evaluate_halving(
         module.model, Snapshot(snapshot), callback.problems, sampler, callback.grader,
-        callback.config, alphas=(1.0, 0.5), step=16, progress=False,
+        callback.config, alphas=(1.0, 0.5), first=first, select_metric=callback.select_metric,
+        step=16, progress=False,
     )  # fmt: skip
     recorded = [r for r in summary["history"] if r["step"] == 16]
     assert single.records() == [
@@ -148,6 +154,5 @@ def test_fsdp2_two_processes_keep_snapshot_and_merge_shard_local(tmp_path):
     saved = saved_merged(tmp_path)  # gathered from the shards into one save_pretrained folder
     assert_same(saved, {n: final[0][n] for n in saved})
     assert [(r["step"], r["alpha"]) for r in summary["history"]] == [
-        (4, 0.0), (5, 0.5), (5, 1.0), (10, 0.5), (10, 1.0), (15, 0.5), (15, 1.0), (16, 0.5),
-        (16, 1.0),
+        (4, 0.0), (5, 1.0), (10, 1.0), (15, 1.0), (16, 0.5), (16, 1.0),
     ]  # fmt: skip

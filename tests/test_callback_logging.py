@@ -18,12 +18,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callback_toy import EVAL_PAIRS, ToyModule, toy_problems
-from helpers import assert_same, weights
+from helpers import EVERY, assert_same, weights
 from wise_callback import WiSEFTCallback
 from wise_callback.generations import COLUMNS
 from wise_callback.sampling import HFSampler
 
-FAST = dict(num_samples=4, max_new_tokens=3, progress=False)
+FAST = dict(num_samples=4, max_new_tokens=3, progress=False, evaluation=EVERY)
 
 
 class Bracket(Callback):

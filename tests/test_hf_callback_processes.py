@@ -20,7 +20,7 @@ from test_hf_callback import merged_reference
 from wise_callback import Snapshot, WiSEFTTrainerCallback
 from wise_callback.comparisons import PAIRED_KEYS
 from wise_callback.demo.model import tiny_llama
-from wise_callback.evaluate import evaluate
+from wise_callback.halving import evaluate_halving, first_round_samples
 from wise_callback.sampling import HFSampler
 
 pytestmark = pytest.mark.slow
@@ -66,12 +66,12 @@ def test_sigkill_then_resume_from_checkpoint_gives_the_same_merge_and_history(
     assert max(r["step"] for r in lost) == 10  # the killed run evaluated past its checkpoint
     saved = json.loads((killed / "checkpoint-9" / "trainer_state.json").read_text())
     state = json.loads(saved["stateful_callbacks"]["WiSEFTTrainerCallback"]["attributes"]["wiseft"])
-    assert [r["step"] for r in state["history"]] == [4, 5, 5]  # the state as of step 9
+    assert [r["step"] for r in state["history"]] == [4, 5]  # the state as of step 9
 
     run_toy(killed, launch, "--resume")
     resumed = json.loads((killed / "history.json").read_text())
     assert resumed == json.loads((straight / "history.json").read_text())
-    assert [r["step"] for r in resumed["history"]] == [4, 5, 5, 10, 10, 15, 15, 16, 16]
+    assert [r["step"] for r in resumed["history"]] == [4, 5, 10, 15, 16, 16]
     assert (killed / "history.jsonl").read_text() == (straight / "history.jsonl").read_text()
     for rank in (0, 1) if launch == "torchrun" else (0,):
         name = f"final_rank{rank}.safetensors"
@@ -91,14 +91,19 @@ def test_two_processes_evaluate_as_one_and_merge_on_every_rank(straight_run):
         dict(saved.named_parameters()), {n: final[0][n] for n, _ in saved.named_parameters()}
     )
 
-    # the final evaluation (problems split 4 + 2 over the ranks) = one process over all 6
+    # the final evaluation, successive halving with the problems split 4 + 2 over the ranks,
+    # = one process over all 6
     callback = WiSEFTTrainerCallback(**toy_options())
     model = tiny_llama(len(callback.tokenizer), seed=0, tokenizer=callback.tokenizer)
     model.load_state_dict(premerge, strict=False)
     sampler = HFSampler(model, callback.tokenizer, progress=False)
-    single = evaluate(
+    first = first_round_samples(
+        callback.config, callback.evaluation.halving, callback.select_metric, "best"
+    )
+    single = evaluate_halving(
         model, Snapshot(snapshot), callback.problems, sampler, callback.grader, callback.config,
-        alphas=(1.0, 0.5), step=16, progress=False,
+        alphas=(1.0, 0.5), first=first, select_metric=callback.select_metric, step=16,
+        progress=False,
     )  # fmt: skip
     recorded = [r for r in summary["history"] if r["step"] == 16]
     assert single.records() == [  # the core adds the paired comparisons to the records
@@ -116,7 +121,7 @@ def test_the_vllm_sampler_under_the_trainer_writes_what_the_hf_sampler_writes(tm
     vllm_run = json.loads((tmp_path / "vllm" / "history.json").read_text())
     hf_run = json.loads((tmp_path / "hf" / "history.json").read_text())
     assert [(r["step"], r["alpha"]) for r in vllm_run["history"]] == [
-        (4, 0.0), (5, 0.5), (5, 1.0), (6, 0.5), (6, 1.0),
+        (4, 0.0), (5, 1.0), (6, 0.5), (6, 1.0),
     ]  # fmt: skip
     assert (vllm_run.pop("sampler"), hf_run.pop("sampler")) == ("VLLMSampler", "HFSampler")
     assert vllm_run == hf_run

@@ -98,6 +98,11 @@ class WiSEFTCallback(WiSEFTCore, Callback):
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 resume_dir=Path(trainer.ckpt_path).parent if trainer.ckpt_path else None,
+                selects_by=tuple(
+                    str(monitor)
+                    for callback in trainer.callbacks
+                    if (monitor := getattr(callback, "monitor", None))
+                ),
             )
         )
 

@@ -19,6 +19,9 @@ import numpy as np
 
 from wise_callback.paired import paired_difference, z_score
 
+WATCH_KEYS = ("collapse_drop", "collapse_drop_se", "collapse_z", "collapse_risk")
+"""What the watch adds to the current weights' record."""
+
 
 @dataclass
 class CollapseWatch:

@@ -61,7 +61,7 @@ def add_gains(records: list[dict[str, Any]], values: PerProblem) -> None:
     if current is None:
         return
     for record in records:
-        if record["alpha"] == CURRENT:
+        if record["alpha"] == CURRENT or record["alpha"] not in values:  # not a candidate
             continue
         mine = values[record["alpha"]]
         for name, key in (("score", "gain_vs_current"), ("pass1", "pass1_gain_vs_current")):
@@ -159,5 +159,6 @@ def _arrays(values: dict[float, dict[str, list[float]]]) -> PerProblem:
 
 
 def best_record(records: Iterable[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
-    """The record with the highest `metric`, ties toward the larger alpha."""
-    return max(records, key=lambda r: (r[metric], r["alpha"]))
+    """The record with the highest `metric`, ties toward the larger alpha (among the records
+    that have it: an alpha that successive halving stopped early has fewer k)."""
+    return max((r for r in records if metric in r), key=lambda r: (r[metric], r["alpha"]))

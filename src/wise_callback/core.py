@@ -7,9 +7,8 @@ Trainer) subclasses `WiSEFTCore` and drives it with four events, in its own hook
   when none was given), then `begin(context)` when training starts (`RunContext`: the model, the
   planned steps, rank / world size, the folders);
 * `step_ended(step)` after every optimizer step: snapshot when due (evaluated once as alpha 0),
-  or evaluate the current weights and the alpha grid every `eval_every_n_steps`;
-* `training_ended(step)`: evaluate the final weights if stale, choose the alpha, merge in place
-  on every rank, save;
+  or evaluate every `eval_every_n_steps` (the current weights; the alpha grid when due);
+* `training_ended(step)`: evaluate the final weights and grid if stale, choose, merge, save;
 * `state_dict()` / `load_state_dict()` for the trainer's checkpoints.
 
 The adapter gives back what is its own by overriding `_emit_metrics`, `_emit_samples`, `_info`,
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from wise_callback.arguments import resolve_tokenizer, settle_arguments
-from wise_callback.collapse import CollapseWatch
+from wise_callback.collapse import WATCH_KEYS, CollapseWatch
 from wise_callback.comparisons import (
     add_gains,
     choose_final,
@@ -37,6 +36,7 @@ from wise_callback.comparisons import (
 from wise_callback.early import EarlySchedule
 from wise_callback.evaluate import CURRENT, EvalConfig, Evaluation, evaluate
 from wise_callback.grading import Grader, check_timeouts, exact_match
+from wise_callback.halving import evaluate_halving, first_round_samples
 from wise_callback.options import (
     CollapseOptions,
     EvalOptions,
@@ -49,6 +49,7 @@ from wise_callback.problems import format_prompts
 from wise_callback.reporting import RunContext, RunReporting
 from wise_callback.sampling import Sampler
 from wise_callback.sampling.factory import make_sampler
+from wise_callback.schedule import grid_due, reads_grid
 from wise_callback.sharding import is_sharded
 from wise_callback.snapshot_files import SnapshotFiles
 from wise_callback.weights import Snapshot, interpolate_
@@ -191,21 +192,20 @@ class WiSEFTCore(RunReporting):
             and not (self._early.peak and self._early.open)
             and step not in (self.snapshot.step, self._last_eval_step)
         ):
-            self._run_evaluation(step, self._alphas_due(step))
+            final = step >= self._require_context().planned_steps
+            self._run_evaluation(step, self._alphas_due(final), final)
 
-    def _alphas_due(self, step: int) -> tuple[float, ...]:
-        """The current weights, and the alpha grid when due: every `evaluation.grid_every`-th
-        evaluation, at the last planned step, and after an evaluation whose collapse_z reached
-        `evaluation.grid_when_z`. The decisions (collapse watch, final choice) only read the
-        current weights and the last step's grid, so a sparser grid does not change them."""
+    def _alphas_due(self, final: bool) -> tuple[float, ...]:
+        """The current weights, and the alpha grid when due (`schedule.grid_due`)."""
+        context = self._require_context()
         after = self._early.step or 0
-        count = 1 + sum(r["alpha"] == CURRENT and r["step"] > after for r in self.history)
-        last_z = next((r.get("collapse_z") for r in reversed(self.history)), None)
-        alert = self.evaluation.grid_when_z
-        due = (
-            count % self.evaluation.grid_every == 0
-            or step >= self._require_context().planned_steps
-            or (alert is not None and last_z is not None and last_z >= alert)
+        number = 1 + sum(r["alpha"] == CURRENT and r["step"] > after for r in self.history)
+        due = grid_due(
+            self.evaluation,
+            evaluation_number=number,
+            final=final,
+            last_z=next((r.get("collapse_z") for r in reversed(self.history)), None),
+            selects_by=context.selects_by,
         )
         return (CURRENT, *self.alphas) if due else (CURRENT,)
 
@@ -226,7 +226,7 @@ class WiSEFTCore(RunReporting):
         )
         stale = self._last_eval_step != step or current_only  # or the grid was not due
         if stale and step not in self._grids:
-            self._run_evaluation(step, (CURRENT, *self.alphas))
+            self._run_evaluation(step, (CURRENT, *self.alphas), final=True)
         if self.final_alpha is None:
             return
         alpha = self._choose_alpha(step)
@@ -314,25 +314,36 @@ class WiSEFTCore(RunReporting):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _run_evaluation(self, step: int, alphas: Sequence[float]) -> None:
-        """One evaluation; on failure the weights are already restored: warn and go on."""
+    def _run_evaluation(self, step: int, alphas: Sequence[float], final: bool = False) -> None:
+        """One evaluation (the final choice's grid by successive halving where it applies); on
+        failure the weights are already restored: warn and go on."""
         context = self._require_context()
         assert self._sampler is not None
         self._last_eval_step = step
+        first = first_round_samples(
+            self.config, self.evaluation.halving, self.select_metric, self.final_alpha
+        )
+        where = {
+            "step": step,
+            "rank": context.rank,
+            "world_size": context.world_size,
+            "progress": self.sample_logging.progress and self._is_global_zero,
+        }
+        run = (context.model, self.snapshot, self._eval_problems, self._sampler, self.grader)
         try:
-            result = evaluate(
-                context.model,
-                self.snapshot,
-                self._eval_problems,
-                self._sampler,
-                self.grader,
-                self.config,
-                alphas=alphas,
-                step=step,
-                rank=context.rank,
-                world_size=context.world_size,
-                progress=self.sample_logging.progress and self._is_global_zero,
-            )
+            halving = first is not None and not reads_grid(context.selects_by)
+            if final and halving and len(alphas) > 1 and self.snapshot is not None:
+                result = evaluate_halving(
+                    *run,
+                    self.config,
+                    alphas=alphas,
+                    first=first,
+                    select_metric=self.select_metric,
+                    keep_pass1=self.evaluation.keep_pass1,
+                    **where,
+                )
+            else:
+                result = evaluate(*run, self.config, alphas=alphas, **where)
         except Exception as err:
             if self.evaluation.fail_on_eval_error:
                 raise
@@ -348,15 +359,21 @@ class WiSEFTCore(RunReporting):
         """An evaluation's records into `history` and history.jsonl, its scalars (and the
         collapse flag) to the loggers. The one place that turns results into outputs."""
         assert result.step is not None
-        again = any(r["step"] == result.step for r in self.history)  # adding the grid at the end
+        seen = {r["alpha"]: r for r in self.history if r["step"] == result.step}
+        again = bool(seen)  # adding the grid at the end to a step the watch has already seen
         self.history = [r for r in self.history if r["step"] != result.step]
         records = result.records()
-        values = per_problem_values(result.results, self.select_metric, self.config.max_k)
+        full = [r for r in result.results if r.alpha not in result.first_round_only]
+        values = per_problem_values(full, self.select_metric, self.config.max_k)
         add_gains(records, values)
         current = next(r for r in records if r["alpha"] in (CURRENT, EARLY))
         baseline = result.step == 0 or again  # step 0, or a step the watch has already seen
         pass1 = values[current["alpha"]]["pass1"]
-        if not baseline:
+        if again:  # the same samples again (same seed): keep what the watch said of them
+            current.update(
+                {k: v for k, v in seen.get(current["alpha"], {}).items() if k in WATCH_KEYS}
+            )
+        elif not baseline:
             current.update(self._watch.compare(values[current["alpha"]]["passk"]))
             if current["alpha"] == CURRENT:
                 current["collapse_risk"] = self._watch.risk(pass1)
@@ -377,8 +394,9 @@ class WiSEFTCore(RunReporting):
         )
         if late is not None:
             self._warn(f"step {result.step}: {late}")
-        collapsed = not baseline and self._watch_collapse(current, values[current["alpha"]])
-        metrics["wiseft/collapse"] = float(collapsed)
+        watched = values[current["alpha"]]
+        fired = self._watch.fired if baseline else self._watch_collapse(current, watched)
+        metrics["wiseft/collapse"] = float(fired)
         self._warn_of_risk(current)
         self._emit_metrics(metrics, result.step)
         self._publish_samples(result)

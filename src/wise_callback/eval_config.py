@@ -109,7 +109,8 @@ def check_alphas(alphas: Iterable[float]) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
-def evaluation_seed(base: int, step: int | None) -> int:
-    """The sampling seed of the evaluation at `step` (samplers derive per-prompt seeds from it)."""
-    digest = hashlib.blake2b(f"{base}:{step}".encode(), digest_size=4).digest()
+def evaluation_seed(base: int, step: int | None, salt: str = "") -> int:
+    """The sampling seed of the evaluation at `step` (samplers derive per-prompt seeds from it);
+    a `salt` gives another, independent stream (a second round of sampling at the same step)."""
+    digest = hashlib.blake2b(f"{base}:{step}{salt}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF

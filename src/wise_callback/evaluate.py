@@ -48,6 +48,7 @@ from wise_callback.results import (
     Evaluation,
     GradedAlpha,
     ProblemResult,
+    alpha_result,
     summarize,
     summarize_by_source,
 )
@@ -151,19 +152,7 @@ def evaluate(
     # every rank holds the same counts now, so all of them fail (or not) together
     timed_out = sum(g.timed_out for g in graded.values())
     check_timeouts(timed_out, sum(len(r.correct) for g in graded.values() for r in g.problems))
-    results = [
-        AlphaResult(
-            alpha,
-            graded[alpha].problems,
-            {
-                **summarize(graded[alpha].problems, config.ks or ()),
-                **summarize_by_source(graded[alpha].problems, problems, config.ks or ()),
-                "timed_out": graded[alpha].timed_out,
-                "num_problems_planned": len(problems),
-            },
-        )
-        for alpha in alphas
-    ]
+    results = [alpha_result(alpha, graded[alpha], problems, config.ks or ()) for alpha in alphas]
     timings["total_s"] = time.perf_counter() - start
     return Evaluation(step=step, results=results, timings=timings)
 

@@ -102,6 +102,11 @@ class WiSEFTTrainerCallback(WiSEFTCore, TrainerCallback, ExportableState):
                 rank=args.process_index,
                 world_size=args.world_size,
                 resume_dir=Path(args.output_dir),  # where the Trainer's checkpoints are
+                selects_by=(
+                    (args.metric_for_best_model,)
+                    if args.load_best_model_at_end and args.metric_for_best_model
+                    else ()
+                ),
             )
         )
 

@@ -196,10 +196,18 @@ class EvalOptions:
             cleanly and the metrics cover the problems every alpha reached.
         fail_on_eval_error: raise when sampling or grading fails, instead of warning and going
             on with training (the weights are restored either way).
-        grid_every: sample the alpha grid at every m-th evaluation only (the current weights
-            at every one); the last step always gets the grid. 1: at every evaluation.
+        grid_every: also sample the alpha grid at every m-th evaluation (1: at every one, the
+            0.1 schedule). None (default): the current weights at every evaluation and the
+            grid only for the final choice (the last step, or the end of training), unless a
+            checkpoint callback of the trainer selects by a `wiseft/best` or `wiseft/alpha_`
+            metric (then at every evaluation). The collapse watch reads the current weights
+            only and the final choice the last grid, so the decisions do not change.
         grid_when_z: also sample the grid at the evaluation after one whose collapse_z (the
             paired z of the Pass@k drop) reached this, e.g. 1.0 (None: never).
+        halving: successive halving at the final choice (final_alpha="best"): every alpha
+            first gets this share of num_samples per problem, and only those not clearly
+            worse than the best candidate, at most the better half, get the rest (see
+            `wise_callback.halving`). None: every alpha gets num_samples.
         keep_pass1: with final_alpha="best", choose only among alphas whose Pass@1 is not
             significantly below the current weights' (paired z > -2 over problems).
     """
@@ -212,12 +220,14 @@ class EvalOptions:
     time_budget_s: float | None = None
     fail_on_eval_error: bool = False
     keep_pass1: bool = False
-    grid_every: int = 1
+    grid_every: int | None = None
     grid_when_z: float | None = None
+    halving: float | None = 0.25
 
     def __post_init__(self) -> None:
-        check_int("evaluation.grid_every", self.grid_every, minimum=1)
+        check_int("evaluation.grid_every", self.grid_every, minimum=1, optional=True)
         check_float("evaluation.grid_when_z", self.grid_when_z, optional=True)
+        check_float("evaluation.halving", self.halving, positive=True, maximum=1.0, optional=True)
         check_bool("evaluation.keep_pass1", self.keep_pass1)
         check_float("evaluation.grade_timeout_s", self.grade_timeout_s, positive=True)
         check_int("evaluation.grade_workers", self.grade_workers, minimum=0, optional=True)

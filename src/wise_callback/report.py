@@ -134,8 +134,12 @@ def plot_history(
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     over_steps, over_k, histogram = figure.subplots(1, 3)
     for alpha in sorted({r["alpha"] for r in records if r["alpha"] != EARLY}):
-        series = sorted((r for r in records if r["alpha"] == alpha), key=lambda r: r["step"])
-        _line(over_steps, [r["step"] for r in series], series, top, _label(alpha), "o-")
+        # an alpha that successive halving stopped early has no record of the largest k
+        series = sorted(
+            (r for r in records if r["alpha"] == alpha and top in r), key=lambda r: r["step"]
+        )
+        if series:
+            _line(over_steps, [r["step"] for r in series], series, top, _label(alpha), "o-")
     if early is not None:
         over_steps.axhline(early[top], color="gray", linestyle=":", label="early snapshot")
     over_steps.set(xlabel="training step", ylabel=top, title=f"{top} during training")

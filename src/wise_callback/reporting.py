@@ -31,6 +31,7 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     resume_dir: Path | None = None  # the folder of the checkpoint resumed from
+    selects_by: tuple[str, ...] = ()  # metrics the trainer selects checkpoints by
 
 
 class RunReporting:

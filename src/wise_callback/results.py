@@ -51,15 +51,37 @@ class AlphaResult:
 
 @dataclass
 class Evaluation:
-    """One evaluation: a result per alpha, and where the time went (seconds by phase)."""
+    """One evaluation: a result per alpha, and where the time went (seconds by phase).
+    `first_round_only`: alphas that successive halving sampled in its first round only (fewer
+    samples per problem: records, not candidates for the final choice)."""
 
     step: int | None
     results: list[AlphaResult]
     timings: dict[str, float]
+    first_round_only: tuple[float, ...] = ()
 
     def records(self) -> list[dict[str, Any]]:
         """Flat history records, one per alpha: {"step", "alpha", "pass@1", ..., "num_problems"}."""
         return [{"step": self.step, "alpha": r.alpha, **r.metrics} for r in self.results]
+
+
+def alpha_result(
+    alpha: float,
+    graded: GradedAlpha,
+    problems: Sequence[Mapping[str, Any]],
+    ks: Sequence[int],
+) -> AlphaResult:
+    """One alpha's graded problems with their metrics (overall and per source)."""
+    return AlphaResult(
+        alpha,
+        graded.problems,
+        {
+            **summarize(graded.problems, ks),
+            **summarize_by_source(graded.problems, problems, ks),
+            "timed_out": graded.timed_out,
+            "num_problems_planned": len(problems),
+        },
+    )
 
 
 def summarize(problems: Sequence[ProblemResult], ks: Sequence[int]) -> dict[str, Any]:

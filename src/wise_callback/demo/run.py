@@ -66,6 +66,11 @@ QUICK = DemoSettings(
 )
 
 
+FULL_GRID = {"grid_every": 1, "halving": None}
+"""The demo's evaluations: every alpha in full at every evaluation, for the curves of
+report.png (the library's default samples the grid for the final choice only)."""
+
+
 def run_demo(
     out_dir: str | os.PathLike[str],
     *,
@@ -77,7 +82,8 @@ def run_demo(
     evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the demo into `out_dir` and return its summary (also written to summary.json).
-    `evaluation`: the callback's `EvalOptions` fields (e.g. a sparser grid schedule)."""
+    `evaluation`: the callback's `EvalOptions` fields; None: `FULL_GRID` (the demo draws every
+    alpha's curve over training); {}: the library's defaults."""
     settings = settings or (QUICK if quick else FULL)
     if sampler not in ("hf", "vllm"):
         raise ValueError(f"sampler must be 'hf' or 'vllm', got {sampler!r}")
@@ -104,7 +110,7 @@ def run_demo(
         temperature=settings.temperature,
         sampling=SamplingOptions(stop=["\n"], seed=seed),
         sample_logging=SampleLogging(progress=progress),
-        evaluation=evaluation,
+        evaluation=FULL_GRID if evaluation is None else evaluation,
     )
     trainer = L.Trainer(
         max_steps=settings.sft_steps,
