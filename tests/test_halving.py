@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from wise_callback.comparisons import final_choice, per_problem_values
+from wise_callback.core import WiSEFTCore
 from wise_callback.demo.model import char_tokenizer
 from wise_callback.demo.pretrain import load_base_model
 from wise_callback.demo.task import make_splits
@@ -28,6 +29,7 @@ from wise_callback.halving import (
     proxy_metric,
     survivors,
 )
+from wise_callback.reporting import RunContext
 from wise_callback.sampling import HFSampler, SamplingConfig
 from wise_callback.weights import Snapshot
 
@@ -176,3 +178,31 @@ def test_where_halving_applies():
     budget = EvalConfig(num_samples=32, time_budget_s=60.0)
     assert first_round_samples(budget, 0.25, "pass@32", "best") is None
     assert HALVING_Z == 2.0
+
+
+def test_when_halving_drops_every_alpha_the_run_keeps_the_current_weights(case, tmp_path):
+    """The core driven by hand (no trainer): the snapshot is taken of noisy weights, the
+    current weights are the clean base, so every interpolant is clearly worse after the first
+    round. The final choice is then alpha = 1.0 (the weights as they are), from the one
+    evaluation of the last step."""
+    tokenizer, problems = case
+    clean = load_base_model(tokenizer)
+    model = noisy(load_base_model(tokenizer))
+    core = WiSEFTCore(
+        problems, tokenizer, snapshot_at=1, eval_every_n_steps=2, num_samples=8,
+        alphas=(0.25, 0.5), sampling={"stop": ["\n"]}, max_new_tokens=10,
+        sample_logging={"progress": False},
+    )  # fmt: skip
+    core.prepare(None, "nowhere")
+    core.begin(RunContext(model, planned_steps=4, log_dir=tmp_path, snapshot_dir=tmp_path))
+    core.step_ended(1)  # the snapshot: the noisy weights
+    model.load_state_dict(clean.state_dict())  # "training" made them clean again
+    before = weights(model)
+    for step in (2, 3, 4):
+        core.step_ended(step)
+    core.training_ended(4)
+    final = {r["alpha"]: r["num_samples"] for r in core.history if r["step"] == 4}
+    assert final == {0.25: 2 * 64, 0.5: 2 * 64, CURRENT: 8 * 64}  # both stopped after round one
+    assert core.spent["evaluations"] == 3  # the snapshot, step 2, step 4: nothing evaluated twice
+    assert core.chosen_alpha == CURRENT and core.final_report["alpha"] == CURRENT
+    assert_bitwise_equal(before, model)  # merged with alpha 1.0: the weights as they are

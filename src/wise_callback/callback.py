@@ -47,7 +47,8 @@ class WiSEFTCallback(WiSEFTCore, Callback):
             at the end of every validation run of the trainer instead.
         num_samples: completions per problem (n).
         ks: the k of Pass@k / Maj@k; default: 1, 2, 4, ... up to num_samples, and num_samples.
-        alphas: WiSE-FT weights on the latest weights to evaluate next to the current ones (1.0).
+        alphas: WiSE-FT weights on the latest weights to evaluate next to the current ones (1.0):
+            the grid of the final choice (when else: `EvalOptions.grid_every`).
         final_alpha: merge at the end with this alpha, "best" (the alpha of the final evaluation
             with the highest `select_metric`, ties toward the larger alpha), or None (no merge).
         select_metric: the metric "best" maximises; default pass@{largest k}.
@@ -98,11 +99,7 @@ class WiSEFTCallback(WiSEFTCore, Callback):
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 resume_dir=Path(trainer.ckpt_path).parent if trainer.ckpt_path else None,
-                selects_by=tuple(
-                    str(monitor)
-                    for callback in trainer.callbacks
-                    if (monitor := getattr(callback, "monitor", None))
-                ),
+                selects_by=_monitored(trainer),
             )
         )
 
@@ -164,3 +161,10 @@ class WiSEFTCallback(WiSEFTCore, Callback):
     @override
     def _warn(self, message: str) -> None:
         rank_zero_warn(f"{type(self).__name__}: {message}")
+
+
+def _monitored(trainer: pl.Trainer) -> tuple[str, ...]:
+    """The metrics the trainer's checkpoint and early-stopping callbacks select by."""
+    watchers = [*trainer.checkpoint_callbacks, *trainer.early_stopping_callbacks]
+    monitors = (getattr(watcher, "monitor", None) for watcher in watchers)
+    return tuple(str(monitor) for monitor in monitors if monitor)

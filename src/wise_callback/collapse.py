@@ -108,7 +108,8 @@ class CollapseWatch:
             f"{info['best']:.4f} (step {info['best_step']}) to {info['current']:.4f}"
             f"{significance} for {info['evaluations_in_a_row']} evaluation(s) in a row while "
             f"Pass@1 went {info['pass@1_at_best']:.4f} -> {info['pass@1']:.4f}. WiSE-FT with the "
-            "early snapshot recovers Pass@k; see the wiseft/alpha_* metrics."
+            "early snapshot recovers Pass@k: the final choice's alpha grid (wiseft/alpha_* "
+            "metrics) shows by how much."
         )
 
     def state_dict(self) -> dict[str, Any]:

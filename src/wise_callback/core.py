@@ -34,7 +34,7 @@ from wise_callback.comparisons import (
     per_problem_values,
 )
 from wise_callback.early import EarlySchedule
-from wise_callback.evaluate import CURRENT, EvalConfig, Evaluation, evaluate
+from wise_callback.evaluate import CURRENT, EvalConfig, Evaluation
 from wise_callback.grading import Grader, check_timeouts, exact_match
 from wise_callback.halving import evaluate_halving, first_round_samples
 from wise_callback.options import (
@@ -181,9 +181,9 @@ class WiSEFTCore(RunReporting):
             self._close_peak_search(step)
 
     def evaluate_grid(self, step: int) -> None:
-        """Evaluate the current weights and the alpha grid now (also what an adapter calls when
-        it follows its trainer's own evaluation schedule); while a "peak" search is open, the
-        current weights only, keeping a new best as the snapshot."""
+        """Evaluate now: the current weights, and the alpha grid when due (also what an adapter
+        calls when it follows its trainer's own evaluation schedule); while a "peak" search is
+        open, the current weights only, keeping a new best as the snapshot."""
         if self._early.searching(step):
             if step != self._last_eval_step:
                 self._search_peak(step)
@@ -323,27 +323,24 @@ class WiSEFTCore(RunReporting):
         first = first_round_samples(
             self.config, self.evaluation.halving, self.select_metric, self.final_alpha
         )
-        where = {
-            "step": step,
-            "rank": context.rank,
-            "world_size": context.world_size,
-            "progress": self.sample_logging.progress and self._is_global_zero,
-        }
-        run = (context.model, self.snapshot, self._eval_problems, self._sampler, self.grader)
+        halving = final and len(alphas) > 1 and not reads_grid(context.selects_by)
         try:
-            halving = first is not None and not reads_grid(context.selects_by)
-            if final and halving and len(alphas) > 1 and self.snapshot is not None:
-                result = evaluate_halving(
-                    *run,
-                    self.config,
-                    alphas=alphas,
-                    first=first,
-                    select_metric=self.select_metric,
-                    keep_pass1=self.evaluation.keep_pass1,
-                    **where,
-                )
-            else:
-                result = evaluate(*run, self.config, alphas=alphas, **where)
+            result = evaluate_halving(
+                context.model,
+                self.snapshot,
+                self._eval_problems,
+                self._sampler,
+                self.grader,
+                self.config,
+                alphas=alphas,
+                first=first if halving else None,
+                select_metric=self.select_metric,
+                keep_pass1=self.evaluation.keep_pass1,
+                step=step,
+                rank=context.rank,
+                world_size=context.world_size,
+                progress=self.sample_logging.progress and self._is_global_zero,
+            )
         except Exception as err:
             if self.evaluation.fail_on_eval_error:
                 raise
@@ -380,7 +377,7 @@ class WiSEFTCore(RunReporting):
         if current["alpha"] == EARLY:
             self._watch.early_pass1 = [float(v) for v in pass1]
         self._watch.last_pass1 = [float(v) for v in pass1]
-        if CURRENT in values and len(values) > 1:
+        if CURRENT in values and len(result.results) > 1:  # the candidates, maybe 1.0 alone
             self._grids[result.step] = grid_state(values)
         self.history.extend(records)
         self.spent["evaluations"] += 1

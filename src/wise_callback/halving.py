@@ -107,14 +107,14 @@ def _clearly_worse(values: np.ndarray, best: np.ndarray) -> bool:
 
 def evaluate_halving(
     model: torch.nn.Module,
-    snapshot: Snapshot,
+    snapshot: Snapshot | None,
     problems: Sequence[Mapping[str, Any]],
     sampler: Sampler,
     grader: Grader | str,
     config: EvalConfig,
     *,
     alphas: Sequence[float],
-    first: int,
+    first: int | None,
     select_metric: str,
     keep_pass1: bool = False,
     step: int | None = None,
@@ -124,8 +124,19 @@ def evaluate_halving(
 ) -> Evaluation:
     """The current weights and `alphas` by successive halving (module docstring): one
     `Evaluation` whose survivors have `config.num_samples` samples per problem and whose
-    `first_round_only` alphas have `first`. Needs no time budget (every round covers every
-    problem, so that the comparisons are paired)."""
+    `first_round_only` alphas have `first`; `first=None` (or no alpha besides 1.0): a plain
+    `evaluate` of every alpha. Needs no time budget (every round covers every problem, so that
+    the comparisons are paired)."""
+
+    def run(cfg: EvalConfig, which: Sequence[float]) -> Evaluation:
+        return evaluate(
+            model, snapshot, problems, sampler, grader, cfg, alphas=which, step=step,
+            rank=rank, world_size=world_size, progress=progress,
+        )  # fmt: skip
+
+    grid = tuple(a for a in alphas if a != CURRENT)
+    if first is None or not grid:
+        return run(config, alphas)
     proxy = proxy_metric(select_metric, first)
     if proxy is None or not 1 <= first < config.num_samples or config.time_budget_s is not None:
         raise ValueError(
@@ -133,11 +144,6 @@ def evaluate_halving(
             f"({config.num_samples}), a selection metric that is a mean over problems "
             f"({select_metric!r}) and no time budget ({config.time_budget_s})"
         )
-    grid = tuple(a for a in alphas if a != CURRENT)
-    common = {"step": step, "rank": rank, "world_size": world_size, "progress": progress}
-    run = lambda cfg, which: evaluate(  # noqa: E731
-        model, snapshot, problems, sampler, grader, cfg, alphas=which, **common
-    )
     current = run(config, (CURRENT,))
     small = replace(config, num_samples=first, ks=_ks_up_to(config, first))
     first_round = run(small, grid)

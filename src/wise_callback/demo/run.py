@@ -26,7 +26,7 @@ from wise_callback.demo.sft import ChainDataModule, ChainSFTModule
 from wise_callback.demo.task import make_splits
 from wise_callback.files import write_text_atomically
 from wise_callback.grading import exact_match
-from wise_callback.options import SampleLogging, SamplingOptions
+from wise_callback.options import EvalOptions, SampleLogging, SamplingOptions
 from wise_callback.report import format_table, ks_of, plot_history, table_rows
 
 
@@ -66,7 +66,7 @@ QUICK = DemoSettings(
 )
 
 
-FULL_GRID = {"grid_every": 1, "halving": None}
+FULL_GRID: dict[str, Any] = {"grid_every": 1, "halving": None}
 """The demo's evaluations: every alpha in full at every evaluation, for the curves of
 report.png (the library's default samples the grid for the final choice only)."""
 
@@ -110,7 +110,7 @@ def run_demo(
         temperature=settings.temperature,
         sampling=SamplingOptions(stop=["\n"], seed=seed),
         sample_logging=SampleLogging(progress=progress),
-        evaluation=FULL_GRID if evaluation is None else evaluation,
+        evaluation=EvalOptions(**(FULL_GRID if evaluation is None else evaluation)),
     )
     trainer = L.Trainer(
         max_steps=settings.sft_steps,
