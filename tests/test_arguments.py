@@ -39,6 +39,10 @@ BAD = [
     (dict(num_examples_to_log=-1), ValueError, "sample_logging.num_examples_to_log must be >= 0"),
     (dict(evaluation={"time_budget_s": 0.0}), ValueError, "evaluation.time_budget_s must be > 0"),
     (dict(evaluation={"time_budget_s": float("inf")}), ValueError, "time_budget_s must be finite"),
+    (dict(evaluation={"halving": 0.0}), ValueError, "evaluation.halving must be > 0"),
+    (dict(evaluation={"halving": 1.5}), ValueError, "evaluation.halving must be <= 1.0"),
+    (dict(evaluation={"halving": "half"}), TypeError, "evaluation.halving must be a number"),
+    (dict(evaluation={"grid_every": 0}), ValueError, "evaluation.grid_every must be >= 1"),
     (dict(tokenizer=char_tokenizer(), apply_chat_template=True), ValueError, "no chat_template"),
     (dict(problems={}), ValueError, "empty mapping"),
     # wrong types
