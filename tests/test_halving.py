@@ -110,6 +110,11 @@ def test_halving_keeps_the_full_evaluations_choice_and_restores_the_weights(case
         by_alpha[CURRENT].problems == next(r for r in full.results if r.alpha == CURRENT).problems
     )
     assert tokens(halved) < 0.8 * tokens(full)
+    # the README's bound: three alphas at n/4 first, at most two go on: <= 2.25 n per problem
+    grid_samples = sum(
+        len(p.correct) for r in halved.results if r.alpha != CURRENT for p in r.problems
+    )
+    assert grid_samples <= 2.25 * 8 * len(problems)
 
 
 def test_the_weights_come_back_whatever_halving_drops(case):
