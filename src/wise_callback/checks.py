@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 
+@overload
+def check_int(
+    name: str, value: Any, *, minimum: int | None = None, optional: Literal[False] = False
+) -> int: ...
+@overload
+def check_int(
+    name: str, value: Any, *, minimum: int | None = None, optional: bool = ...
+) -> int | None: ...
 def check_int(
     name: str, value: Any, *, minimum: int | None = None, optional: bool = False
 ) -> int | None:
@@ -23,6 +31,26 @@ def check_int(
     return value
 
 
+@overload
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+    optional: Literal[False] = False,
+) -> float: ...
+@overload
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+    optional: bool = ...,
+) -> float | None: ...
 def check_float(
     name: str,
     value: Any,

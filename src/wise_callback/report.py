@@ -124,12 +124,12 @@ def plot_history(
         wise = [a for a in final if EARLY < a < CURRENT] or list(final)
         chosen_alpha = max(wise, key=lambda a: (final[a].get(top, -1.0), a))
     early = next((r for r in records if r["alpha"] == EARLY), None)
-    compared = [
+    candidates = [
         ("early snapshot", early),
         ("final", final.get(CURRENT)),
         (f"WiSE-FT a={chosen_alpha:.2f}", final.get(chosen_alpha)),
     ]
-    compared = [(name, r) for name, r in compared if r is not None]
+    compared = [(name, r) for name, r in candidates if r is not None]
 
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     over_steps, over_k, histogram = figure.subplots(1, 3)
