@@ -321,6 +321,10 @@ def test_collapse_in_a_real_run_warns_and_stops_it(tmp_path):
     assert last["pass@1"] >= state.best_pass1
     assert trainer.callback_metrics["wiseft/collapse"] == 1
     assert callback.chosen_alpha is not None  # the merge still happens after the stop
+    # the grid at the end used the stop step's samples of the current weights, not new ones
+    assert {r["alpha"] for r in callback.history if r["step"] == last["step"]} == {0.5, 1.0}
+    sampled = sum(r["mean_completion_tokens"] * r["num_samples"] for r in callback.history)
+    assert callback.spent["generated_tokens"] == pytest.approx(sampled, rel=1e-12)
 
 
 def test_bf16_mixed_a_bf16_snapshot_and_a_fixed_alpha(tmp_path):

@@ -211,3 +211,35 @@ def test_when_halving_drops_every_alpha_the_run_keeps_the_current_weights(case, 
     assert core.spent["evaluations"] == 3  # the snapshot, step 2, step 4: nothing evaluated twice
     assert core.chosen_alpha == CURRENT and core.final_report["alpha"] == CURRENT
     assert_bitwise_equal(before, model)  # merged with alpha 1.0: the weights as they are
+
+
+def test_a_result_of_the_current_weights_already_sampled_is_reused(case):
+    """The end of a run that stopped at an evaluation: the grid is added to the current
+    weights' result of that step, with or without halving, and their samples are not drawn (nor
+    counted) again."""
+    tokenizer, problems = case[0], case[1][:16]
+    snapshot = Snapshot.capture(load_base_model(tokenizer), step=0)
+    model = noisy(load_base_model(tokenizer))
+    sampler = HFSampler(model, tokenizer, progress=False)
+    run = dict(step=5, progress=False)
+    earlier = evaluate(model, snapshot, problems, sampler, exact_match, CONFIG, **run)
+    (current,) = earlier.results
+    full = evaluate(model, snapshot, problems, sampler, exact_match, CONFIG, alphas=ALPHAS, **run)
+    for first in (None, 2):
+        again = evaluate_halving(
+            model, snapshot, problems, sampler, exact_match, CONFIG, alphas=ALPHAS, first=first,
+            select_metric="pass@8", current=current, **run,
+        )  # fmt: skip
+        assert again.reused == (CURRENT,)
+        assert next(r for r in again.results if r.alpha == CURRENT) is current
+        assert [r.alpha for r in again.results] == list(ALPHAS)
+        grid_tokens = sum(sum(p.num_tokens) for r in again.results[:-1] for p in r.problems)
+        assert again.generated_tokens() == grid_tokens
+    # without halving, the grid is the full evaluation's, sample for sample
+    assert [r.problems for r in full.results[:-1]] == [
+        r.problems
+        for r in evaluate_halving(
+            model, snapshot, problems, sampler, exact_match, CONFIG, alphas=ALPHAS, first=None,
+            select_metric="pass@8", current=current, **run,
+        ).results[:-1]
+    ]  # fmt: skip

@@ -36,7 +36,7 @@ from wise_callback.comparisons import (
 from wise_callback.early import EarlySchedule
 from wise_callback.evaluate import CURRENT, EvalConfig, Evaluation
 from wise_callback.grading import Grader, check_timeouts, exact_match
-from wise_callback.halving import evaluate_halving, first_round_samples
+from wise_callback.halving import evaluate_halving, first_round_samples, sampled_current
 from wise_callback.options import (
     CollapseOptions,
     EvalOptions,
@@ -336,6 +336,7 @@ class WiSEFTCore(RunReporting):
                 first=first if halving else None,
                 select_metric=self.select_metric,
                 keep_pass1=self.evaluation.keep_pass1,
+                current=sampled_current(self.last_evaluation, step),
                 step=step,
                 rank=context.rank,
                 world_size=context.world_size,
@@ -381,9 +382,7 @@ class WiSEFTCore(RunReporting):
             self._grids[result.step] = grid_state(values)
         self.history.extend(records)
         self.spent["evaluations"] += 1
-        self.spent["generated_tokens"] += sum(
-            r["mean_completion_tokens"] * r["num_samples"] for r in records
-        )
+        self.spent["generated_tokens"] += result.generated_tokens()
         self.spent["sample_s"] += result.timings["sample_s"]
         metrics = logged_scalars(records, result.timings, self.select_metric)
         late = check_timeouts(

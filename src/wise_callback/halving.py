@@ -117,6 +117,7 @@ def evaluate_halving(
     first: int | None,
     select_metric: str,
     keep_pass1: bool = False,
+    current: AlphaResult | None = None,
     step: int | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -125,8 +126,9 @@ def evaluate_halving(
     """The current weights and `alphas` by successive halving (module docstring): one
     `Evaluation` whose survivors have `config.num_samples` samples per problem and whose
     `first_round_only` alphas have `first`; `first=None` (or no alpha besides 1.0): a plain
-    `evaluate` of every alpha. Needs no time budget (every round covers every problem, so that
-    the comparisons are paired)."""
+    `evaluate` of every alpha. `current`: the current weights' result of this step, already
+    sampled (the end of a run that stopped at an evaluation): used, not sampled again. Needs no
+    time budget (every round covers every problem, so that the comparisons are paired)."""
 
     def run(cfg: EvalConfig, which: Sequence[float]) -> Evaluation:
         return evaluate(
@@ -135,8 +137,14 @@ def evaluate_halving(
         )  # fmt: skip
 
     grid = tuple(a for a in alphas if a != CURRENT)
+    if current is None or not grid or CURRENT not in alphas:
+        current = None  # nothing to reuse: sampled with the others
     if first is None or not grid:
-        return run(config, alphas)
+        fresh = run(config, alphas if current is None else grid)
+        if current is None:
+            return fresh
+        ordered = sorted([current, *fresh.results], key=lambda r: r.alpha)
+        return Evaluation(step, ordered, fresh.timings, reused=(CURRENT,))
     proxy = proxy_metric(select_metric, first)
     if proxy is None or not 1 <= first < config.num_samples or config.time_budget_s is not None:
         raise ValueError(
@@ -144,14 +152,18 @@ def evaluate_halving(
             f"({config.num_samples}), a selection metric that is a mean over problems "
             f"({select_metric!r}) and no time budget ({config.time_budget_s})"
         )
-    current = run(config, (CURRENT,))
+    reused = () if current is None else (CURRENT,)
+    timings: dict[str, float] = {}
+    if current is None:
+        current_run = run(config, (CURRENT,))
+        current, timings = current_run.results[0], current_run.timings
     small = replace(config, num_samples=first, ks=_ks_up_to(config, first))
     first_round = run(small, grid)
-    results = {r.alpha: r for r in [*current.results, *first_round.results]}
+    results = {r.alpha: r for r in [current, *first_round.results]}
     scores = {a: _values(r, proxy) for a, r in results.items()}
     pass1 = {a: _values(r, "pass1") for a, r in results.items()} if keep_pass1 else None
     keep = survivors(scores, math.ceil(len(grid) / 2), pass1)
-    timings = _summed([current.timings, first_round.timings])
+    timings = _summed([timings, first_round.timings])
     if keep:
         rest = config.num_samples - first
         seed = evaluation_seed(config.sampling.seed, step, SECOND_ROUND)
@@ -168,7 +180,14 @@ def evaluate_halving(
         timings = _summed([timings, second_round.timings])
     ordered = [results[a] for a in sorted(results)]
     dropped = tuple(a for a in grid if a not in keep)
-    return Evaluation(step=step, results=ordered, timings=timings, first_round_only=dropped)
+    return Evaluation(step, ordered, timings, first_round_only=dropped, reused=reused)
+
+
+def sampled_current(evaluation: Evaluation | None, step: int) -> AlphaResult | None:
+    """The current weights' result of `evaluation` when it was of `step` (to be reused)."""
+    if evaluation is None or evaluation.step != step:
+        return None
+    return next((r for r in evaluation.results if r.alpha == CURRENT), None)
 
 
 def _ks_up_to(config: EvalConfig, first: int) -> tuple[int, ...]:

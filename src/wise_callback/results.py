@@ -53,12 +53,19 @@ class AlphaResult:
 class Evaluation:
     """One evaluation: a result per alpha, and where the time went (seconds by phase).
     `first_round_only`: alphas that successive halving sampled in its first round only (fewer
-    samples per problem: records, not candidates for the final choice)."""
+    samples per problem: records, not candidates for the final choice); `reused`: alphas whose
+    results come from an earlier evaluation of the same step (not sampled again)."""
 
     step: int | None
     results: list[AlphaResult]
     timings: dict[str, float]
     first_round_only: tuple[float, ...] = ()
+    reused: tuple[float, ...] = ()
+
+    def generated_tokens(self) -> int:
+        """The tokens this evaluation sampled (reused results not counted)."""
+        fresh = [r for r in self.results if r.alpha not in self.reused]
+        return sum(sum(p.num_tokens) for r in fresh for p in r.problems)
 
     def records(self) -> list[dict[str, Any]]:
         """Flat history records, one per alpha: {"step", "alpha", "pass@1", ..., "num_problems"}."""
