@@ -243,3 +243,30 @@ def test_a_result_of_the_current_weights_already_sampled_is_reused(case):
             select_metric="pass@8", current=current, **run,
         ).results[:-1]
     ]  # fmt: skip
+
+
+class CountingSampler(HFSampler):
+    """A real HFSampler that counts the evaluation ends it is told of (as vLLM's sleep mode
+    would sleep at each)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ends = 0
+
+    def end_evaluation(self) -> None:
+        self.ends += 1
+
+
+def test_the_rounds_end_the_samplers_evaluation_once(case):
+    tokenizer, problems = case[0], case[1][:16]
+    snapshot = Snapshot.capture(load_base_model(tokenizer), step=0)
+    model = noisy(load_base_model(tokenizer))
+    for first in (None, 2):
+        sampler = CountingSampler(model, tokenizer, progress=False)
+        result = evaluate_halving(
+            model, snapshot, problems, sampler, exact_match, CONFIG, alphas=ALPHAS, first=first,
+            select_metric="pass@8", step=1, progress=False,
+        )  # fmt: skip
+        assert sampler.ends == 1
+    # the halving run had three rounds (current, first, second): still one end
+    assert any(len(r.problems[0].correct) == 8 for r in result.results if r.alpha != CURRENT)

@@ -90,6 +90,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    last_round: bool = True,
 ) -> Evaluation:
     """Evaluate `model` at each alpha (1.0 = as it is; others need `snapshot`) on `problems`.
 
@@ -104,6 +105,9 @@ def evaluate(
     calls (every alpha makes at least one; all ranks stop after the same one), and every alpha
     is scored on the same problems: those that all alphas covered, a prefix of `problems`.
     Records say `num_problems` (covered) of `num_problems_planned`.
+
+    The sampler's `end_evaluation` (e.g. vLLM's sleep) is called when sampling is done, unless
+    `last_round=False` (more sampling of the same evaluation follows: the caller calls it).
     """
     alphas = check_alphas(alphas)
     if snapshot is None and alphas != (CURRENT,):
@@ -133,9 +137,8 @@ def evaluate(
                 progress,
             )
         finally:  # e.g. a vLLM engine in sleep mode releases its memory until the next one
-            end_evaluation = getattr(sampler, "end_evaluation", None)
-            if callable(end_evaluation):
-                end_evaluation()
+            if last_round:
+                end_sampling(sampler)
         local = local[: min(len(samples) for samples in completions.values())]  # budget cut
         tick = time.perf_counter()
         graded = _grade(completions, [problems[i] for i in local], local, grader, config)
@@ -155,6 +158,13 @@ def evaluate(
     results = [alpha_result(alpha, graded[alpha], problems, config.ks or ()) for alpha in alphas]
     timings["total_s"] = time.perf_counter() - start
     return Evaluation(step=step, results=results, timings=timings)
+
+
+def end_sampling(sampler: Sampler) -> None:
+    """Tell the sampler an evaluation's sampling is done (`end_evaluation`, when it has one)."""
+    end_evaluation = getattr(sampler, "end_evaluation", None)
+    if callable(end_evaluation):
+        end_evaluation()
 
 
 def _sample(

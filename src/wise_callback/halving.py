@@ -25,7 +25,7 @@ the best is 0). The weights are restored bit for bit by each round (`evaluate`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from wise_callback.eval_config import CURRENT, EvalConfig, default_ks, evaluation_seed
-from wise_callback.evaluate import evaluate
+from wise_callback.evaluate import end_sampling, evaluate
 from wise_callback.grading import Grader
 from wise_callback.paired import mean_and_se, paired_difference, per_problem, z_score
 from wise_callback.results import AlphaResult, Evaluation, GradedAlpha, ProblemResult, alpha_result
@@ -130,10 +130,10 @@ def evaluate_halving(
     sampled (the end of a run that stopped at an evaluation): used, not sampled again. Needs no
     time budget (every round covers every problem, so that the comparisons are paired)."""
 
-    def run(cfg: EvalConfig, which: Sequence[float]) -> Evaluation:
+    def run(cfg: EvalConfig, which: Sequence[float], last_round: bool = True) -> Evaluation:
         return evaluate(
             model, snapshot, problems, sampler, grader, cfg, alphas=which, step=step,
-            rank=rank, world_size=world_size, progress=progress,
+            rank=rank, world_size=world_size, progress=progress, last_round=last_round,
         )  # fmt: skip
 
     grid = tuple(a for a in alphas if a != CURRENT)
@@ -152,13 +152,31 @@ def evaluate_halving(
             f"({config.num_samples}), a selection metric that is a mean over problems "
             f"({select_metric!r}) and no time budget ({config.time_budget_s})"
         )
+    try:  # the rounds are one evaluation for the sampler: it ends (vLLM sleeps) once
+        return _rounds(run, problems, config, grid, first, proxy, keep_pass1, current, step)
+    finally:
+        end_sampling(sampler)
+
+
+def _rounds(
+    run: Callable[[EvalConfig, Sequence[float], bool], Evaluation],
+    problems: Sequence[Mapping[str, Any]],
+    config: EvalConfig,
+    grid: tuple[float, ...],
+    first: int,
+    proxy: str,
+    keep_pass1: bool,
+    current: AlphaResult | None,
+    step: int | None,
+) -> Evaluation:
+    """The current weights unless given, the first round, the second round of the survivors."""
     reused = () if current is None else (CURRENT,)
     timings: dict[str, float] = {}
     if current is None:
-        current_run = run(config, (CURRENT,))
+        current_run = run(config, (CURRENT,), False)
         current, timings = current_run.results[0], current_run.timings
     small = replace(config, num_samples=first, ks=_ks_up_to(config, first))
-    first_round = run(small, grid)
+    first_round = run(small, grid, False)
     results = {r.alpha: r for r in [current, *first_round.results]}
     scores = {a: _values(r, proxy) for a, r in results.items()}
     pass1 = {a: _values(r, "pass1") for a, r in results.items()} if keep_pass1 else None
@@ -173,7 +191,7 @@ def evaluate_halving(
             ks=default_ks(rest),
             sampling=replace(config.sampling, seed=seed),
         )
-        second_round = run(more, keep)
+        second_round = run(more, keep, False)
         for extra in second_round.results:
             joined = _joined(results[extra.alpha], extra)
             results[extra.alpha] = alpha_result(extra.alpha, joined, problems, config.ks or ())
