@@ -7,9 +7,9 @@
 Needs: CUDA GPUs (one 24 GB GPU is enough for the 0.5B model in bf16 with vLLM at
 gpu_memory_utilization=0.25), internet access to the Hugging Face hub for the model and GSM8K.
 Every 200 steps the callback samples 16 answers for 256 held-out test problems with an in-process
-vLLM engine fed the live (and interpolated) weights, grades them with math-verify, logs Pass@k,
-Maj@k and the collapse terms for the current weights and an alpha grid, and at the end merges the
-best alpha and saves it to OUT/merged.
+vLLM engine fed the live weights, grades them with math-verify and logs Pass@k, Maj@k and the
+collapse terms of the current weights; at the end it samples the alpha grid (interpolated weights,
+by successive halving), merges the best alpha and saves it to OUT/merged.
 """
 
 from __future__ import annotations

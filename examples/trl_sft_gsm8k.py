@@ -11,7 +11,8 @@ completion only). The callback follows the Trainer's own evaluations (`eval_step
 samples 16 answers for held-out test problems (read with `wise_callback.problems.load_problems`,
 which knows GSM8K's layout) with an in-process vLLM engine fed the live and interpolated weights,
 grades them with math-verify and adds Pass@k, Maj@k and the collapse terms for the current weights
-and an alpha grid to the Trainer's log (`trainer.state.log_history`, TensorBoard, W&B, ...). The
+and an alpha grid (at every evaluation, because the Trainer selects its best checkpoint by it) to
+the Trainer's log (`trainer.state.log_history`, TensorBoard, W&B, ...). The
 checkpoint kept at the end is the one whose best interpolant scored highest
 (`metric_for_best_model="wiseft/best/pass@16"`); it is merged with its best alpha and saved to
 OUT/merged.
