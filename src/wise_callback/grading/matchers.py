@@ -223,13 +223,68 @@ def _close(value: Fraction, gold: Fraction, tolerance: float) -> bool:
 @functools.lru_cache(maxsize=256)
 def _parse_math(latex: str, timeout: int | None) -> tuple[Any, ...]:
     """math-verify's parse of one answer (LaTeX only: its plain-expression mode runs sympy's
-    parse_expr, i.e. eval, on model output)."""
+    parse_expr, i.e. eval, on model output). Rationals, and intervals and matrices of them, are
+    built directly: the same result as math-verify's (tested against it, element for element),
+    without its LaTeX parser (about 1-3 ms an answer, 20 ms and more for an interval)."""
+    simple = _parse_simple(latex)
+    if simple is not None:
+        return simple
     from math_verify import LatexExtractionConfig, parse
 
     parsed = parse(
         f"${latex}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout
     )
     return tuple(parsed)
+
+
+_RATIONAL = r"-?(?:[0-9]+|\\frac\{[0-9]+\}\{[0-9]+\})"
+_RATIONAL_PARTS = re.compile(r"(-?)(?:([0-9]+)|\\frac\{([0-9]+)\}\{([0-9]+)\})")
+_INTERVAL = re.compile(rf"([\[(]) ?({_RATIONAL}) ?, ?({_RATIONAL}) ?([\])])")
+_MATRIX = re.compile(r"\\begin\{([pb])matrix\}(.*)\\end\{\1matrix\}")
+
+
+def _parse_simple(latex: str) -> tuple[Any, ...] | None:
+    """math-verify's parse of an integer or \\frac{p}{q} (a sign in front), of an interval of
+    two of them (low < high; brackets, one space at most around the comma), or of a
+    pmatrix/bmatrix of them (rectangular); None for anything else."""
+    from sympy import Interval, Matrix
+
+    value = _rational(latex)
+    if value is not None:
+        return (value, latex)
+    interval = _INTERVAL.fullmatch(latex)
+    if interval is not None:
+        left, low, high, right = interval.groups()
+        ends = _rational(low), _rational(high)
+        if ends[0] is None or ends[1] is None or not ends[0] < ends[1]:
+            return None
+        return (Interval(ends[0], ends[1], left == "(", right == ")"), latex)
+    matrix = _MATRIX.fullmatch(latex)
+    if matrix is not None:
+        rows = [
+            [_rational(cell.strip(" ")) for cell in row.split("&")]
+            for row in matrix[2].split("\\\\")
+        ]
+        cells = [cell for row in rows for cell in row]
+        if cells and None not in cells and len({len(row) for row in rows}) == 1:
+            return (Matrix(rows), latex)
+    return None
+
+
+def _rational(text: str) -> Any:
+    """The sympy Rational of an integer or \\frac{p}{q} (q > 0) with an optional sign, or None."""
+    parts = _RATIONAL_PARTS.fullmatch(text)
+    if parts is None:
+        return None
+    sign, whole, numerator, denominator = parts.groups()
+    if whole is None and int(denominator) == 0:
+        return None
+    from sympy import Rational
+
+    value = (
+        Rational(int(whole)) if whole is not None else Rational(int(numerator), int(denominator))
+    )
+    return -value if sign else value
 
 
 def math_verify_match(completion: str, reference: str) -> Verdict:
