@@ -42,16 +42,26 @@ def per_problem_values(results: list[AlphaResult], select_metric: str, max_k: in
     (no "score" when the selection metric is not a mean over problems)."""
     values: PerProblem = {}
     for result in results:
-        n = [len(p.correct) for p in result.problems]
-        c = [p.num_correct for p in result.problems]
-        answers = [p.answers for p in result.problems]
-        correct = [p.correct for p in result.problems]
-        row = {"pass1": per_problem("pass1", n, c), "passk": per_problem(f"pass@{max_k}", n, c)}
-        score = per_problem(select_metric, n, c, answers, correct)
-        if score is not None:
-            row["score"] = score
+        row = {
+            "pass1": problem_values(result, "pass1"),
+            "passk": problem_values(result, f"pass@{max_k}"),
+            "score": problem_values(result, select_metric),
+        }
         values[result.alpha] = {k: v for k, v in row.items() if v is not None}
     return values
+
+
+def problem_values(result: AlphaResult, metric: str) -> np.ndarray | None:
+    """One alpha's per-problem values of `metric` (`paired.per_problem`), None for a metric
+    that is not a mean over problems."""
+    problems = result.problems
+    return per_problem(
+        metric,
+        [len(p.correct) for p in problems],
+        [p.num_correct for p in problems],
+        [p.answers for p in problems],
+        [p.correct for p in problems],
+    )
 
 
 def add_gains(records: list[dict[str, Any]], values: PerProblem) -> None:

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from wise_callback.comparisons import KEEP_PASS1_Z, problem_values
 from wise_callback.eval_config import CURRENT, EvalConfig, default_ks, evaluation_seed
 from wise_callback.evaluate import end_sampling, evaluate
 from wise_callback.grading import Grader
-from wise_callback.paired import mean_and_se, paired_difference, per_problem, z_score
+from wise_callback.paired import mean_and_se, significantly_below
 from wise_callback.results import AlphaResult, Evaluation, GradedAlpha, ProblemResult, alpha_result
 from wise_callback.sampling import Sampler
 from wise_callback.weights import Snapshot
@@ -89,20 +90,20 @@ def survivors(
     """
     alphas = [a for a in scores if a != CURRENT]
     if pass1 is not None:  # the final rule's own test, on the first round's samples
-        alphas = [a for a in alphas if not _clearly_worse(pass1[a], pass1[CURRENT])]
+        alphas = [
+            a for a in alphas if not significantly_below(pass1[a], pass1[CURRENT], KEEP_PASS1_Z)
+        ]
     field = [*alphas, CURRENT] if CURRENT in scores else alphas
     if not field:
         return ()
     best = max(field, key=lambda a: (mean_and_se(scores[a])[0], a))
-    contenders = [a for a in alphas if a == best or not _clearly_worse(scores[a], scores[best])]
+    contenders = [
+        a
+        for a in alphas
+        if a == best or not significantly_below(scores[a], scores[best], HALVING_Z)
+    ]
     ranked = sorted(contenders, key=lambda a: (mean_and_se(scores[a])[0], a), reverse=True)
     return tuple(sorted(ranked[:keep]))
-
-
-def _clearly_worse(values: np.ndarray, best: np.ndarray) -> bool:
-    gain, se = paired_difference(values, best)
-    z = z_score(gain, se)
-    return z is not None and z < -HALVING_Z
 
 
 def evaluate_halving(
@@ -214,14 +215,7 @@ def _ks_up_to(config: EvalConfig, first: int) -> tuple[int, ...]:
 
 
 def _values(result: AlphaResult, metric: str) -> np.ndarray:
-    problems = result.problems
-    values = per_problem(
-        metric,
-        [len(p.correct) for p in problems],
-        [p.num_correct for p in problems],
-        [p.answers for p in problems],
-        [p.correct for p in problems],
-    )
+    values = problem_values(result, metric)
     assert values is not None  # proxy_metric only names per-problem means
     return values
 

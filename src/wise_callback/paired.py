@@ -85,15 +85,20 @@ def best_alpha_rule(keep_pass1: bool, z_threshold: float, current: float = 1.0) 
         allowed = list(candidates)
         if keep_pass1:
             base = next(c for c in candidates if c.alpha == current).values["pass1"][rows]
-            allowed = [c for c in candidates if not _below(c, base, rows, z_threshold)]
+            allowed = [
+                c
+                for c in candidates
+                if not significantly_below(c.values["pass1"][rows], base, z_threshold)
+            ]
         return max(allowed, key=lambda c: (_mean(c.values["score"][rows]), c.alpha)).alpha
 
     return choose
 
 
-def _below(candidate: Candidate, base: np.ndarray, rows: np.ndarray, z_threshold: float) -> bool:
-    """Whether the candidate's Pass@1 is significantly below `base` on these problems."""
-    gain, se = paired_difference(candidate.values["pass1"][rows], base)
+def significantly_below(values: np.ndarray, base: np.ndarray, z_threshold: float) -> bool:
+    """Whether per-problem `values` are below `base` by more than `z_threshold` paired standard
+    errors (False where there is no spread to measure)."""
+    gain, se = paired_difference(values, base)
     z = z_score(gain, se)
     return z is not None and z < -z_threshold
 

@@ -237,9 +237,8 @@ def _parse_math(latex: str, timeout: int | None) -> tuple[Any, ...]:
     return tuple(parsed)
 
 
-_RATIONAL = r"-?(?:[0-9]+|\\frac\{[0-9]+\}\{[0-9]+\})"
-_RATIONAL_PARTS = re.compile(r"(-?)(?:([0-9]+)|\\frac\{([0-9]+)\}\{([0-9]+)\})")
-_INTERVAL = re.compile(rf"([\[(]) ?({_RATIONAL}) ?, ?({_RATIONAL}) ?([\])])")
+_RATIONAL = re.compile(r"(-?)(?:([0-9]+)|\\frac\{([0-9]+)\}\{([0-9]+)\})")
+_INTERVAL = re.compile(r"([\[(]) ?([^,\s]+) ?, ?([^,\s]+) ?([\])])")  # ends: `_rational`
 _MATRIX = re.compile(r"\\begin\{([pb])matrix\}(.*)\\end\{\1matrix\}")
 
 
@@ -273,7 +272,7 @@ def _parse_simple(latex: str) -> tuple[Any, ...] | None:
 
 def _rational(text: str) -> Any:
     """The sympy Rational of an integer or \\frac{p}{q} (q > 0) with an optional sign, or None."""
-    parts = _RATIONAL_PARTS.fullmatch(text)
+    parts = _RATIONAL.fullmatch(text)
     if parts is None:
         return None
     sign, whole, numerator, denominator = parts.groups()
